@@ -1,0 +1,220 @@
+"""Build megatron-core GPTModels (policy) and reward models from a ModelConfig.
+
+The megatron plumbing for models lives here: TransformerConfig, the layer spec (local or
+Transformer Engine), pipeline stage flags, vocab padding, and the reward model's scalar head.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import torch
+import torch.nn.functional as F
+
+from ..config_io import ConfigError
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SPECS = ("auto", "local", "te")
+
+
+def transformer_engine_usable() -> bool:
+    """Transformer Engine is used only when it imports and CUDA is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE raises more than ImportError when its CUDA libraries are missing
+        return False
+    return True
+
+
+def resolve_spec(spec: str = "auto") -> str:
+    if spec not in SPECS:
+        raise ConfigError(f"layer spec {spec!r} is unknown: use one of {', '.join(SPECS)}")
+    if spec == "auto":
+        return "te" if transformer_engine_usable() else "local"
+    if spec == "te" and not transformer_engine_usable():
+        raise ConfigError("spec=te needs transformer-engine and a CUDA GPU: use spec=local")
+    return spec
+
+
+def _activation(model: ModelConfig):
+    if model.activation == "swiglu":
+        return F.silu, True
+    if model.activation == "gelu_tanh":
+        return functools.partial(F.gelu, approximate="tanh"), False
+    return F.gelu, False
+
+
+def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1,
+                       params_dtype: torch.dtype = torch.float32,
+                       perform_initialization: bool = True):
+    """megatron-core TransformerConfig for ``model`` at this layout and dtype."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    activation, gated = _activation(model)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        activation_func=activation,
+        gated_linear_unit=gated,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        # CPU initialization gives every layout the same full weights before sharding.
+        use_cpu_initialization=True,
+        perform_initialization=perform_initialization,
+        # Fusions need apex / CUDA kernels; the plain paths are exact everywhere.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        attention_softmax_in_fp32=True,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def layer_spec(model: ModelConfig, spec: str = "auto"):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if resolve_spec(spec) == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    normalization = "RMSNorm" if model.norm == "rmsnorm" else "LayerNorm"
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
+
+
+def _stage_flags(pg_collection) -> tuple[bool, bool]:
+    if pg_collection is None:
+        from megatron.core import parallel_state
+
+        return (parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+                parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+    pp = pg_collection.pp
+    rank, size = pp.rank(), pp.size()
+    return rank == 0, rank == size - 1
+
+
+def _gpt_kwargs(model: ModelConfig, tp: int, pre: bool, post: bool) -> dict:
+    return dict(
+        vocab_size=model.padded_vocab_size(tp),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        position_embedding_type="rope" if model.position_embedding == "rope" else "learned_absolute",
+        rotary_base=model.rope_theta,
+    )
+
+
+def build_policy(model: ModelConfig, params_dtype: torch.dtype = torch.float32, spec: str = "auto",
+                 pg_collection=None, perform_initialization: bool = True):
+    """A megatron-core GPTModel for this rank's pipeline stage (parallel_state or ``pg_collection``)."""
+    from megatron.core.models.gpt import GPTModel
+
+    tp, pp = _group_sizes(pg_collection)
+    pre, post = _stage_flags(pg_collection)
+    cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization)
+    gpt = GPTModel(
+        config=cfg,
+        transformer_layer_spec=layer_spec(model, spec),
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        pg_collection=pg_collection,
+        **_gpt_kwargs(model, tp, pre, post),
+    )
+    gpt.model_config = model
+    return gpt
+
+
+def _group_sizes(pg_collection) -> tuple[int, int]:
+    if pg_collection is None:
+        from megatron.core import parallel_state
+
+        return (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size())
+    return pg_collection.tp.size(), pg_collection.pp.size()
+
+
+def _reward_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class RewardModel(GPTModel):
+        """GPT backbone whose last stage ends in a scalar head: one score per position, [b, s]."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.post_process:
+                # The vocab projection is not part of a reward model; a replicated scalar head is.
+                del self.output_layer
+                self.score_head = torch.nn.Linear(
+                    self.config.hidden_size, 1, bias=False, dtype=self.config.params_dtype
+                )
+                if self.config.perform_initialization:
+                    self.config.init_method(self.score_head.weight)
+
+        def _postprocess(self, hidden_states, *args, **kwargs):
+            if not self.post_process:
+                return hidden_states
+            scores = self.score_head(hidden_states).squeeze(-1)  # [s, b]
+            return scores.transpose(0, 1).contiguous()  # [b, s]
+
+    return RewardModel
+
+
+def build_reward_model(model: ModelConfig, params_dtype: torch.dtype = torch.float32,
+                       spec: str = "auto", pg_collection=None,
+                       perform_initialization: bool = True):
+    """The reward model: the policy's backbone with a scalar head instead of the vocab projection."""
+    tp, pp = _group_sizes(pg_collection)
+    pre, post = _stage_flags(pg_collection)
+    cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization)
+    rm = _reward_model_class()(
+        config=cfg,
+        transformer_layer_spec=layer_spec(model, spec),
+        share_embeddings_and_output_weights=False,
+        pg_collection=pg_collection,
+        **_gpt_kwargs(model, tp, pre, post),
+    )
+    rm.model_config = model
+    return rm
+
+
+def build_model(model: ModelConfig, reward: bool = False, **kwargs):
+    return (build_reward_model if reward else build_policy)(model, **kwargs)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel under megatron's DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in names:
+        raise ConfigError(f"dtype {name!r} is unknown: use fp32, bf16 or fp16")
+    return names[name]
+

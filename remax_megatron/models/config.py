@@ -1,0 +1,115 @@
+"""The model config: one dataclass for the GPT-2 and Llama families, YAML round-trippable.
+
+It describes the network only (no parallel layout, no dtype); ``transformer_config`` turns it plus
+a layout into megatron-core's ``TransformerConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config_io import ConfigError
+
+FAMILIES = ("gpt2", "llama")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu_tanh", "gelu", "swiglu")
+POSITION_EMBEDDINGS = ("learned", "rope")
+
+
+@dataclass
+class ModelConfig:
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int  # the tokenizer's true vocabulary; the embedding is padded beyond it
+    max_position_embeddings: int
+    num_key_value_heads: Optional[int] = None  # None: as many as attention heads (no GQA)
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    norm: str = "layernorm"
+    norm_epsilon: float = 1e-5
+    activation: str = "gelu_tanh"
+    position_embedding: str = "learned"
+    rope_theta: float = 10000.0
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = True
+    tie_word_embeddings: bool = True
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0  # RLHF runs without dropout: log-probs must be deterministic
+    attention_dropout: float = 0.0
+
+    def __post_init__(self):
+        self.validate()
+
+    # --- families -------------------------------------------------------------------------------
+    @classmethod
+    def gpt2(cls, **overrides) -> "ModelConfig":
+        """GPT-2: LayerNorm, learned positions, tanh GELU, biases everywhere, tied embeddings."""
+        defaults = dict(
+            family="gpt2", norm="layernorm", norm_epsilon=1e-5, activation="gelu_tanh",
+            position_embedding="learned", add_bias_linear=True, add_qkv_bias=True,
+            tie_word_embeddings=True,
+        )
+        defaults.update(overrides)
+        defaults.setdefault("ffn_hidden_size", 4 * defaults["hidden_size"])
+        return cls(**defaults)
+
+    @classmethod
+    def llama(cls, **overrides) -> "ModelConfig":
+        """Llama: RMSNorm, RoPE, SwiGLU, GQA, no biases, untied embeddings unless told."""
+        defaults = dict(
+            family="llama", norm="rmsnorm", norm_epsilon=1e-6, activation="swiglu",
+            position_embedding="rope", add_bias_linear=False, add_qkv_bias=False,
+            tie_word_embeddings=False,
+        )
+        defaults.update(overrides)
+        return cls(**defaults)
+
+    # --- derived --------------------------------------------------------------------------------
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Vocab rounded up to a multiple of make_vocab_size_divisible_by * tp (megatron's rule)."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    # --- checks ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def choose(name, value, allowed):
+            if value not in allowed:
+                raise ConfigError(
+                    f"model.{name}={value!r} is not supported; use one of: {', '.join(allowed)}"
+                )
+
+        choose("family", self.family, FAMILIES)
+        choose("norm", self.norm, NORMS)
+        choose("activation", self.activation, ACTIVATIONS)
+        choose("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}: change one, or set head_dim"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_query_groups}: GQA needs whole groups of heads"
+            )
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,155 @@
+"""Map a Hugging Face config.json (as a dict) onto our ModelConfig, and back.
+
+Supported: GPT2LMHeadModel, LlamaForCausalLM and its trivial variants (MistralForCausalLM,
+Qwen2ForCausalLM), and as reward models GPT2ForSequenceClassification /
+LlamaForSequenceClassification (and the Mistral / Qwen2 ones) with num_labels 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..config_io import ConfigError
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+CAUSAL_LM = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+REWARD = {
+    "GPT2ForSequenceClassification": "gpt2",
+    "LlamaForSequenceClassification": "llama",
+    "MistralForSequenceClassification": "mistral",
+    "Qwen2ForSequenceClassification": "qwen2",
+}
+SUPPORTED = tuple(CAUSAL_LM) + tuple(REWARD)
+
+
+@dataclass(frozen=True)
+class HFModelInfo:
+    config: ModelConfig
+    architecture: str
+    model_type: str  # gpt2 | llama | mistral | qwen2
+    is_reward: bool
+
+
+def _architecture(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    if archs:
+        return archs[0]
+    raise ConfigError(
+        "config.json has no 'architectures' entry: add the model class, one of "
+        + ", ".join(SUPPORTED)
+    )
+
+
+def _rope_theta(hf: dict) -> float:
+    # transformers >= 5 keeps it in rope_parameters; older configs at the top level.
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type not in (None, "default"):
+        raise ConfigError(
+            f"RoPE scaling {rope_type!r} is not supported yet: only plain RoPE (rope_type default)"
+        )
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _gpt2(hf: dict) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+    if act not in activations:
+        raise ConfigError(f"GPT-2 activation_function {act!r} is not supported: use gelu_new")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        raise ConfigError("GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
+                          "are not supported: set them false")
+    hidden = hf["n_embd"]
+    return ModelConfig.gpt2(
+        num_layers=hf["n_layer"], hidden_size=hidden, num_attention_heads=hf["n_head"],
+        ffn_hidden_size=hf.get("n_inner") or 4 * hidden, vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["n_positions"], norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        activation=activations[act], tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        init_method_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def _llama_like(hf: dict, model_type: str) -> ModelConfig:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act {act!r} is not supported for {model_type}: SwiGLU needs silu")
+    if hf.get("mlp_bias"):
+        raise ConfigError("mlp_bias=true is not supported: Llama MLPs here have no biases")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim == hf["hidden_size"] // heads:
+        head_dim = None  # the default: keep configs minimal
+    window = hf.get("sliding_window")
+    uses_window = hf.get("use_sliding_window", model_type == "mistral")
+    if uses_window and window is not None and window < hf.get("max_position_embeddings", 0):
+        log.warning("%s sliding_window=%d is not applied: sequences longer than it will "
+                    "differ from transformers", model_type, window)
+    if hf.get("attention_bias") and model_type != "qwen2":
+        # Llama's attention_bias also biases o_proj, which megatron ties to MLP biases.
+        raise ConfigError("attention_bias=true is not supported for Llama: set it false")
+    qkv_bias = model_type == "qwen2"
+    return ModelConfig.llama(
+        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+        num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim, ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf),
+        add_qkv_bias=qkv_bias, add_bias_linear=False,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        init_method_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def from_hf_config(hf: dict) -> HFModelInfo:
+    """ModelConfig for a Hugging Face config.json dict; one-line errors for what is unsupported."""
+    arch = _architecture(hf)
+    if arch in CAUSAL_LM:
+        model_type, is_reward = CAUSAL_LM[arch], False
+    elif arch in REWARD:
+        model_type, is_reward = REWARD[arch], True
+        labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)
+        if labels != 1:
+            raise ConfigError(f"{arch} has num_labels={labels}: a reward model needs exactly 1 "
+                              "(a scalar score)")
+    else:
+        raise ConfigError(f"architecture {arch} is not supported: use one of {', '.join(SUPPORTED)}")
+    try:
+        config = _gpt2(hf) if model_type == "gpt2" else _llama_like(hf, model_type)
+    except KeyError as missing:
+        raise ConfigError(f"config.json for {arch} lacks {missing}: it is not a complete "
+                          "transformers config") from None
+    return HFModelInfo(config=config, architecture=arch, model_type=model_type, is_reward=is_reward)
+
+
+def to_hf_config(info: HFModelInfo) -> dict:
+    """A config.json dict that transformers builds ``info.architecture`` from."""
+    c = info.config
+    common = {"architectures": [info.architecture], "vocab_size": c.vocab_size,
+              "tie_word_embeddings": c.tie_word_embeddings, "initializer_range": c.init_method_std}
+    if info.is_reward:
+        common.update(num_labels=1, id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0})
+    if info.model_type == "gpt2":
+        return {**common, "model_type": "gpt2", "n_layer": c.num_layers, "n_embd": c.hidden_size,
+                "n_head": c.num_attention_heads, "n_inner": c.ffn_hidden_size,
+                "n_positions": c.max_position_embeddings, "layer_norm_epsilon": c.norm_epsilon,
+                "activation_function": "gelu_new" if c.activation == "gelu_tanh" else "gelu",
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    out = {**common, "model_type": info.model_type, "num_hidden_layers": c.num_layers,
+           "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+           "num_key_value_heads": c.num_query_groups, "head_dim": c.kv_channels,
+           "intermediate_size": c.ffn_hidden_size, "hidden_act": "silu",
+           "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_epsilon,
+           "rope_theta": c.rope_theta,
+           "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}
+    if info.model_type == "llama":
+        out["attention_bias"] = False
+    return out

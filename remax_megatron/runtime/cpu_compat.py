@@ -1,0 +1,221 @@
+"""Let unmodified megatron-core run on CPU (gloo) when no GPU is present.
+
+megatron-core assumes CUDA in places where it needs no GPU at all: it allocates with
+``device=torch.cuda.current_device()`` or ``device="cuda"``, calls ``torch.cuda.synchronize()``,
+creates CUDA streams and events, checks ``param.type() == 'torch.cuda.FloatTensor'`` and keeps its
+RNG tracker in the CUDA generator. This module removes those assumptions without editing megatron:
+
+* a ``TorchFunctionMode`` rewrites every CUDA device argument to CPU, makes ``Tensor.cuda()`` a
+  no-op and reports ``torch.cuda.*Tensor`` type names for CPU tensors;
+* the handful of ``torch.cuda`` functions megatron calls get CPU equivalents (the "CUDA" RNG is
+  the CPU generator, streams and events do nothing, synchronize returns at once);
+* megatron's private RNG helpers read and write the CPU generator.
+
+``install()`` is a strict no-op when CUDA is available, and idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_installed = False
+_mode: "_CudaToCpuMode | None" = None
+
+_CPU = torch.device("cpu")
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.int8: "torch.cuda.CharTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is how torch.cuda.current_device() names a GPU.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _to_cpu_device(device):
+    return _CPU if _is_cuda_device(device) else device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placement requests to CPU; every other call passes through untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type:
+            return _tensor_type(*args, **kwargs)
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _tensor_type(tensor, dtype=None, non_blocking=False, **kwargs):
+    # megatron asserts 'torch.cuda.FloatTensor' etc.; report the CUDA name for a CPU tensor.
+    if dtype is None:
+        if tensor.device.type == "cpu" and tensor.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[tensor.dtype]
+        return torch.Tensor.type(tensor)
+    if isinstance(dtype, str):
+        dtype = dtype.replace("torch.cuda.", "torch.")
+    elif isinstance(dtype, type) and "cuda" in dtype.__module__:
+        dtype = f"torch.{dtype.__name__}"
+    return torch.Tensor.type(tensor, dtype, non_blocking, **kwargs)
+
+
+class _CpuEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end_event):
+        return 0.0
+
+
+class _CpuStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _CpuEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _NullContext:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_DEFAULT_STREAM = _CpuStream()
+
+
+def _manual_seed(seed) -> None:
+    # torch.manual_seed would call torch.cuda.manual_seed_all again: seed the generator directly.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _torch_cuda_replacements() -> dict:
+    return {
+        "current_device": lambda: 0,
+        "device_count": lambda: 0,
+        "set_device": lambda device: None,
+        "synchronize": lambda device=None: None,
+        "empty_cache": lambda: None,
+        "Stream": _CpuStream,
+        "Event": _CpuEvent,
+        "stream": _NullContext,
+        "current_stream": lambda device=None: _DEFAULT_STREAM,
+        "default_stream": lambda device=None: _DEFAULT_STREAM,
+        "set_stream": lambda stream: None,
+        "get_rng_state": lambda device="cuda": torch.get_rng_state(),
+        "set_rng_state": lambda new_state, device="cuda": torch.set_rng_state(new_state),
+        "manual_seed": _manual_seed,
+        "manual_seed_all": _manual_seed,
+    }
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = (
+        lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    )
+    mcore_random._set_cuda_rng_state = (
+        lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    )
+
+
+def _patch_nvtx() -> None:
+    # megatron brackets regions with nvtx ranges; without CUDA they must do nothing.
+    nvtx = torch.cuda.nvtx
+    nvtx.range_push = lambda msg: 0
+    nvtx.range_pop = lambda: 0
+    nvtx.mark = lambda msg: None
+    nvtx.range = _NullContext
+
+
+def install(force: bool = False) -> bool:
+    """Install the CPU layer once. Returns True when it is active after the call.
+
+    A strict no-op when CUDA is available (unless ``force``, used only by this module's tests).
+    """
+    global _installed, _mode
+    if torch.cuda.is_available() and not force:
+        return False
+    with _lock:
+        if _installed:
+            _ensure_mode_on_this_thread()
+            return True
+        for name, replacement in _torch_cuda_replacements().items():
+            setattr(torch.cuda, name, replacement)
+        _patch_nvtx()
+        _patch_megatron_rng()
+        _mode = _CudaToCpuMode()
+        _installed = True
+        _ensure_mode_on_this_thread()
+        log.info(
+            "CUDA is not available: megatron-core runs on CPU through remax_megatron's "
+            "compatibility layer (CUDA device requests go to CPU, CUDA streams/events are no-ops)."
+        )
+        return True
+
+
+def _ensure_mode_on_this_thread() -> None:
+    # Torch function modes live on a per-thread stack; keep ours at the bottom of this thread's.
+    from torch.overrides import _get_current_function_mode_stack
+
+    if _mode is not None and _mode not in _get_current_function_mode_stack():
+        _mode.__enter__()
+
+
+def is_installed() -> bool:
+    return _installed

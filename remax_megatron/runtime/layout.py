@@ -1,0 +1,72 @@
+"""Parallel layout (tp x pp x dp) and its validation, before anything is built.
+
+Pure functions: no torch.distributed, no megatron. Every failure is one line that says what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..config_io import ConfigError
+
+if TYPE_CHECKING:
+    from ..models.config import ModelConfig
+
+
+class LayoutError(ConfigError):
+    """A tp/pp/dp layout that cannot hold the job."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp} (world size {self.world_size})"
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def validate_layout(world_size: int, tp: int, pp: int, model: "ModelConfig | None" = None,
+                    what: str = "model") -> ParallelLayout:
+    """Check that ``tp`` x ``pp`` fits ``world_size`` and, when given, the model's shape."""
+    for name, value in (("tp", tp), ("pp", pp), ("world size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+    if world_size % (tp * pp):
+        raise LayoutError(
+            f"world size {world_size} is not divisible by tp*pp={tp}*{pp}={tp * pp}: "
+            f"launch a multiple of {tp * pp} ranks or choose tp*pp among {_divisors(world_size)}"
+        )
+    if model is not None:
+        heads, groups = model.num_attention_heads, model.num_query_groups
+        if heads % tp:
+            raise LayoutError(
+                f"{what} has {heads} attention heads, not divisible by tp={tp}: "
+                f"choose tp among {_divisors(heads)}"
+            )
+        if groups % tp:
+            raise LayoutError(
+                f"{what} has {groups} key/value heads, not divisible by tp={tp}: "
+                f"choose tp among {_divisors(groups)}"
+            )
+        if model.num_layers % pp:
+            raise LayoutError(
+                f"{what} has {model.num_layers} layers, not divisible by pp={pp}: "
+                f"choose pp among {_divisors(model.num_layers)}"
+            )
+        if model.ffn_hidden_size % tp:
+            raise LayoutError(
+                f"{what} ffn_hidden_size={model.ffn_hidden_size} is not divisible by tp={tp}: "
+                f"choose tp among {_divisors(model.ffn_hidden_size)}"
+            )
+    return ParallelLayout(world_size=world_size, tp=tp, pp=pp)

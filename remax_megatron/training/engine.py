@@ -1,0 +1,113 @@
+"""Megatron training plumbing in one place: DDP wrapping, the optimizer, and one
+forward/backward over micro-batches through ``get_forward_backward_func`` (pipeline aware).
+
+Losses plug in as ``loss_fn(output_tensor, batch) -> (loss_sum, normalizer, metrics)``: megatron
+sums ``loss_sum`` and ``normalizer`` over micro-batches and data-parallel ranks and divides the
+gradients by the total normalizer (``calculate_per_token_loss``), so a loss normalized per token,
+per sequence or per anything is exact whatever the micro-batching and dp size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable
+
+import torch
+
+from ..models.builder import unwrap
+
+
+@dataclass
+class OptimizerSettings:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+def wrap_ddp(model, use_distributed_optimizer: bool = False, grad_reduce_in_fp32: bool = True):
+    """Megatron DDP around ``model`` (gradients in contiguous fp32 buffers, reduced at finalize)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    # Our losses return (sum, normalizer): megatron divides gradients by the global normalizer.
+    # DDP reads this flag when it is built (it then skips its own 1/dp scaling).
+    model.config.calculate_per_token_loss = True
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    ddp.config.finalize_model_grads_func = finalize_model_grads
+    ddp.config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(ddp_model, settings: OptimizerSettings):
+    """Megatron's Adam (plain or distributed), with gradient clipping and fp32 main params."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = ddp_model.config
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=settings.lr,
+        min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def _forward_step(loss_fn: Callable, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
+    return output, partial(loss_fn, batch=batch)
+
+
+def forward_backward(model, batches: Iterable[dict], loss_fn: Callable, seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False) -> list[dict]:
+    """Run every micro-batch in ``batches`` through megatron's schedule.
+
+    Each batch holds ``input_ids`` and ``position_ids`` [mbs, seq_length] (same shape on every
+    stage: pipeline stages exchange fixed-shape activations) and whatever ``loss_fn`` reads.
+    Returns the metrics dicts ``loss_fn`` produced (last pipeline stage; empty elsewhere).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = list(batches)
+    if not forward_only:
+        model.zero_grad_buffer()
+    forward_backward_func = get_forward_backward_func()
+    return forward_backward_func(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def is_last_stage(model) -> bool:
+    return unwrap(model).post_process
+
+
+def is_first_stage(model) -> bool:
+    return unwrap(model).pre_process
+

@@ -1,0 +1,66 @@
+"""Shared test helpers: launching torchrun workers on CPU and a single-process megatron runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"  # several ranks share 2 cores
+    env["PYTHONWARNINGS"] = "ignore"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_python(args: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """A plain single process (no torchrun)."""
+    proc = subprocess.run([sys.executable, *args], env=worker_env(), capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: float = 420,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc ARGS`` on localhost with gloo."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args]
+    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def megatron_runtime():
+    """torch.distributed + megatron parallel_state for a single process (tp=1, pp=1)."""
+    from remax_megatron.runtime.distributed import init_runtime
+
+    return init_runtime(tp=1, pp=1, seed=1234)

@@ -1,0 +1,155 @@
+"""Model config: family defaults, YAML round trip, overrides, and the mapping from Hugging Face
+config.json for every supported architecture (transformers builds the configs: the reference)."""
+
+import pytest
+import transformers
+
+from remax_megatron.config_io import (
+    ConfigError, apply_overrides, from_dict, load_yaml, save_yaml, to_dict,
+)
+from remax_megatron.models.config import ModelConfig
+from remax_megatron.models.hf_config import from_hf_config, to_hf_config
+
+
+def hf_dict(cls, arch, **kw):
+    cfg = cls(**kw)
+    d = cfg.to_dict()
+    d["architectures"] = [arch]
+    return d
+
+
+LLAMA_KW = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                num_hidden_layers=3, vocab_size=101, max_position_embeddings=128, rms_norm_eps=1e-5,
+                rope_theta=50000.0)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = ModelConfig.llama(num_layers=2, hidden_size=64, num_attention_heads=4,
+                            num_key_value_heads=2, ffn_hidden_size=96, vocab_size=100,
+                            max_position_embeddings=64, rope_theta=500000.0)
+    save_yaml(cfg, tmp_path / "model.yaml")
+    again = from_dict(ModelConfig, load_yaml(tmp_path / "model.yaml"))
+    assert again == cfg
+    assert not list(tmp_path.glob(".*.tmp")), "the atomic write left a temporary file"
+
+
+def test_unknown_key_is_named():
+    data = to_dict(ModelConfig.gpt2(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                    vocab_size=100, max_position_embeddings=64))
+    data["hiden_size"] = 3
+    with pytest.raises(ConfigError, match="unknown config key hiden_size; known keys: "):
+        from_dict(ModelConfig, data)
+
+
+def test_overrides_parse_yaml_scalars():
+    data = apply_overrides({"model": {"num_layers": 2}},
+                           ["model.num_layers=4", "train.lr=1e-6", "train.name=demo",
+                            "train.flag=true"])
+    assert data == {"model": {"num_layers": 4},
+                    "train": {"lr": 1e-6, "name": "demo", "flag": True}}
+    with pytest.raises(ConfigError, match="is not key=value"):
+        apply_overrides({}, ["model.num_layers"])
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  num_layers: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(path)
+    assert "is not valid YAML at line" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_padded_vocab():
+    cfg = ModelConfig.gpt2(num_layers=1, hidden_size=8, num_attention_heads=2, vocab_size=50257,
+                           max_position_embeddings=8)
+    assert cfg.padded_vocab_size(1) == 50304  # megatron's GPT-2 figure
+    assert cfg.padded_vocab_size(2) == 50432  # multiple of 128 * 2
+    assert cfg.padded_vocab_size(8) % 1024 == 0
+
+
+def test_gpt2_mapping():
+    info = from_hf_config(hf_dict(transformers.GPT2Config, "GPT2LMHeadModel", n_embd=64, n_layer=3,
+                                  n_head=4, vocab_size=101, n_positions=96))
+    c = info.config
+    assert (info.model_type, info.is_reward) == ("gpt2", False)
+    assert (c.family, c.norm, c.activation, c.position_embedding) == (
+        "gpt2", "layernorm", "gelu_tanh", "learned")
+    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.ffn_hidden_size) == (3, 64, 4, 256)
+    assert (c.vocab_size, c.max_position_embeddings, c.tie_word_embeddings) == (101, 96, True)
+    assert c.add_bias_linear and c.add_qkv_bias and c.num_query_groups == 4
+
+
+def test_llama_mapping_gqa_untied():
+    info = from_hf_config(hf_dict(transformers.LlamaConfig, "LlamaForCausalLM", **LLAMA_KW))
+    c = info.config
+    assert (c.family, c.norm, c.activation, c.position_embedding) == (
+        "llama", "rmsnorm", "swiglu", "rope")
+    assert (c.num_query_groups, c.kv_channels, c.ffn_hidden_size) == (2, 16, 96)
+    assert (c.norm_epsilon, c.rope_theta, c.tie_word_embeddings) == (1e-5, 50000.0, False)
+    assert not c.add_bias_linear and not c.add_qkv_bias
+
+
+def test_llama_tied_and_explicit_head_dim():
+    info = from_hf_config(hf_dict(transformers.LlamaConfig, "LlamaForCausalLM",
+                                  **{**LLAMA_KW, "tie_word_embeddings": True, "head_dim": 32}))
+    assert info.config.tie_word_embeddings and info.config.kv_channels == 32
+
+
+def test_qwen2_has_qkv_bias_mistral_does_not():
+    qwen = from_hf_config(hf_dict(transformers.Qwen2Config, "Qwen2ForCausalLM", **LLAMA_KW))
+    assert qwen.config.add_qkv_bias and not qwen.config.add_bias_linear
+    mistral = from_hf_config(hf_dict(transformers.MistralConfig, "MistralForCausalLM",
+                                     **{**LLAMA_KW, "sliding_window": None}))
+    assert not mistral.config.add_qkv_bias and mistral.model_type == "mistral"
+
+
+@pytest.mark.parametrize("cls,arch,kw", [
+    (transformers.GPT2Config, "GPT2ForSequenceClassification",
+     dict(n_embd=64, n_layer=2, n_head=4, vocab_size=101, num_labels=1)),
+    (transformers.LlamaConfig, "LlamaForSequenceClassification", {**LLAMA_KW, "num_labels": 1}),
+])
+def test_reward_models(cls, arch, kw):
+    info = from_hf_config(hf_dict(cls, arch, **kw))
+    assert info.is_reward and info.architecture == arch
+
+
+@pytest.mark.parametrize("arch,cls,kw", [
+    ("GPT2LMHeadModel", transformers.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4)),
+    ("LlamaForCausalLM", transformers.LlamaConfig, LLAMA_KW),
+    ("Qwen2ForCausalLM", transformers.Qwen2Config, LLAMA_KW),
+    ("LlamaForSequenceClassification", transformers.LlamaConfig, {**LLAMA_KW, "num_labels": 1}),
+])
+def test_round_trip_through_transformers(arch, cls, kw):
+    info = from_hf_config(hf_dict(cls, arch, **kw))
+    rebuilt = transformers.AutoConfig.for_model(**to_hf_config(info)).to_dict()
+    assert from_hf_config(rebuilt) == info
+
+
+@pytest.mark.parametrize("hf,needle", [
+    ({"architectures": ["BertForMaskedLM"]}, "architecture BertForMaskedLM is not supported: use "
+                                             "one of GPT2LMHeadModel, LlamaForCausalLM"),
+    ({}, "config.json has no 'architectures' entry"),
+    ({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}, "lacks 'num_attention_heads'"),
+    ({**hf_dict(transformers.LlamaConfig, "LlamaForSequenceClassification", **LLAMA_KW),
+      "num_labels": 2}, "num_labels=2: a reward model needs exactly 1"),
+    ({**hf_dict(transformers.LlamaConfig, "LlamaForCausalLM", **LLAMA_KW),
+      "rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}}, "RoPE scaling 'llama3'"),
+    ({**hf_dict(transformers.LlamaConfig, "LlamaForCausalLM", **LLAMA_KW),
+      "attention_bias": True}, "attention_bias=true is not supported for Llama"),
+])
+def test_unsupported_configs(hf, needle):
+    with pytest.raises(ConfigError) as err:
+        from_hf_config(hf)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_yaml_reads_exponent_floats_and_checks_types(tmp_path):
+    path = tmp_path / "model.yaml"
+    data = to_dict(ModelConfig.gpt2(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                    vocab_size=100, max_position_embeddings=64))
+    save_yaml(data, path)
+    text = path.read_text().replace("norm_epsilon: 1.0e-05", "norm_epsilon: 1e-5")
+    path.write_text(text)
+    assert from_dict(ModelConfig, load_yaml(path)).norm_epsilon == 1e-5
+    with pytest.raises(ConfigError, match="num_layers must be int, got 'four'"):
+        from_dict(ModelConfig, {**data, "num_layers": "four"})
