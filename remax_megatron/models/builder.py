@@ -169,6 +169,15 @@ def _reward_model_class():
                 if self.config.perform_initialization:
                     self.config.init_method(self.score_head.weight)
 
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            # The language-model base class pads / ties an output_layer on the last stage;
+            # a reward model has none (its score_head is a plain replicated parameter).
+            post_process, self.post_process = self.post_process, False
+            try:
+                return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            finally:
+                self.post_process = post_process
+
         def _postprocess(self, hidden_states, *args, **kwargs):
             if not self.post_process:
                 return hidden_states

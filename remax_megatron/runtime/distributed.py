@@ -6,6 +6,7 @@ This is the one place that talks to torch.distributed and megatron's parallel_st
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -152,3 +153,17 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process_runtime(seed: int = 1234):
+    """tp=1, pp=1 on this process alone (for conversion tools); tears down only what it set up."""
+    if read_launch_env().world_size > 1:
+        raise LayoutError("this command runs as one process: launch it without torchrun")
+    created = not torch.distributed.is_initialized()
+    runtime = init_runtime(tp=1, pp=1, seed=seed)
+    try:
+        yield runtime
+    finally:
+        if created:
+            shutdown()

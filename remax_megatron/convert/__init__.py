@@ -1,0 +1,1 @@
+"""HF <-> megatron-core checkpoint conversion (pure weight mappings per family + the commands)."""

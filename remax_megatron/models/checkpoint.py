@@ -1,0 +1,209 @@
+"""remax-megatron checkpoint directories: megatron-core dist_checkpointing weights that load at any
+valid tp/pp, plus everything needed to rebuild the model and talk to users.
+
+  CKPT/
+    remax_checkpoint.json   kind (policy | reward), source architecture, dtype, true vocab size, step
+    model_config.yaml       the ModelConfig
+    hf_config.json          the source config.json (for export back to transformers)
+    tokenizer/              the tokenizer files (when the source had them)
+    model/                  dist_checkpointing weights (resharded on load)
+
+``load_model`` is the one loading function every command uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config_io import ConfigError, atomic_write_text, from_dict, load_yaml, save_yaml
+from .builder import build_model, dtype_from_name
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+META_FILE = "remax_checkpoint.json"
+CONFIG_FILE = "model_config.yaml"
+HF_CONFIG_FILE = "hf_config.json"
+TOKENIZER_DIR = "tokenizer"
+WEIGHTS_DIR = "model"
+FORMAT_VERSION = 1
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class CheckpointMeta:
+    kind: str  # "policy" or "reward"
+    architecture: str  # the HF class it came from / exports to
+    model_type: str  # gpt2 | llama | mistral | qwen2
+    dtype: str  # fp32 | bf16 | fp16
+    vocab_size: int  # the tokenizer's true vocabulary
+    step: Optional[int] = None  # training step, for checkpoints written by `train`
+    format_version: int = FORMAT_VERSION
+    source: str = ""
+
+    @property
+    def is_reward(self) -> bool:
+        return self.kind == "reward"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: CheckpointMeta
+    config: ModelConfig
+    hf_config: Optional[dict]
+
+    @property
+    def tokenizer_dir(self) -> Optional[Path]:
+        path = self.path / TOKENIZER_DIR
+        return path if path.is_dir() else None
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Metadata and config of a checkpoint directory; one-line errors when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        hint = (" (it looks like a Hugging Face directory: run remax-megatron convert hf-to-mcore "
+                f"--hf {path} --out DIR first)" if (path / "config.json").is_file() else "")
+        raise ConfigError(f"{path} is not a remax-megatron checkpoint: no {META_FILE}{hint}")
+    try:
+        meta = from_dict(CheckpointMeta, json.loads(meta_path.read_text()), "checkpoint")
+    except json.JSONDecodeError:
+        raise ConfigError(f"{meta_path} is not valid JSON: the checkpoint is damaged") from None
+    if meta.format_version > FORMAT_VERSION:
+        raise ConfigError(f"{path} was written by a newer remax-megatron (format "
+                          f"{meta.format_version}): upgrade remax-megatron")
+    config = from_dict(ModelConfig, load_yaml(path / CONFIG_FILE), "model")
+    if not (path / WEIGHTS_DIR / "metadata.json").is_file():
+        raise ConfigError(f"{path}/{WEIGHTS_DIR} holds no finished dist_checkpointing weights: "
+                          "the checkpoint is incomplete (an interrupted save?)")
+    hf_path = path / HF_CONFIG_FILE
+    hf_config = json.loads(hf_path.read_text()) if hf_path.is_file() else None
+    return Checkpoint(path=path, meta=meta, config=config, hf_config=hf_config)
+
+
+def write_checkpoint_files(directory: Path, meta: CheckpointMeta, config: ModelConfig,
+                           hf_config: Optional[dict]) -> None:
+    """The small files next to the weights (rank 0 writes them)."""
+    atomic_write_text(directory / META_FILE, json.dumps(asdict(meta), indent=2) + "\n")
+    save_yaml(config, directory / CONFIG_FILE)
+    if hf_config is not None:
+        atomic_write_text(directory / HF_CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
+
+
+def save_weights(model, directory: Path) -> None:
+    """dist_checkpointing save of ``model`` (every rank calls it) into ``directory``."""
+    from megatron.core import dist_checkpointing
+
+    from .builder import unwrap
+
+    directory.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
+
+
+def save_full_weights(model, named_tensors, directory: Path) -> None:
+    """Save a single-rank (tp=1, pp=1) ``model``'s checkpoint with the weights given as
+    ``(name, full tensor)`` pairs, without copying them into the model.
+
+    The model only supplies megatron's sharding metadata: its parameters are never written, so
+    (allocated with torch.empty) they never become resident, and the process holds one copy of
+    the weights (the converted tensors) instead of two.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from .builder import unwrap
+
+    gpt = unwrap(model)
+    state = gpt.sharded_state_dict()
+    params = dict(gpt.named_parameters())
+    unset = set(params)
+    for name, tensor in named_tensors:
+        param = params[name]
+        entry = state[name]
+        tensor = _fit_to_param(tensor, param)
+        entry.data = tensor
+        if isinstance(entry, ShardedTensorFactory):
+            # e.g. SwiGLU fc1 -> (gate, up) views; the writer would clone views, so own them now
+            built = entry.build()
+            for sharded in built:
+                sharded.data = sharded.data.clone()
+            state[name] = built
+        unset.discard(name)
+    if unset:
+        raise RuntimeError(f"no weights given for {sorted(unset)[0]}")
+    directory.mkdir(parents=True, exist_ok=True)
+    # One writer process: each forked writer dirties its own copy of the interpreter's heap.
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
+
+
+def _fit_to_param(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in the parameter's dtype and shape (vocab rows padded with zeros)."""
+    tensor = tensor.to(param.dtype).contiguous()
+    if tensor.shape == param.shape:
+        return tensor
+    if tensor.shape[1:] == param.shape[1:] and tensor.shape[0] < param.shape[0]:
+        padded = torch.zeros(param.shape, dtype=param.dtype)
+        padded[:tensor.shape[0]] = tensor
+        return padded
+    raise RuntimeError(f"mapped shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}")
+
+
+def load_weights(model, directory: Path) -> None:
+    """Load (and reshard) dist_checkpointing weights into this rank's part of ``model``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    from .builder import unwrap
+
+    gpt = unwrap(model)
+    state = gpt.sharded_state_dict()
+    # Factories (SwiGLU fc1) would load into fresh halves and concatenate them into a third
+    # copy; building them here makes their halves views of the parameter, loaded in place.
+    in_place = [name for name, entry in state.items() if isinstance(entry, ShardedTensorFactory)]
+    for name in in_place:
+        state[name] = state[name].build()
+    loaded = dist_checkpointing.load(state, str(directory))
+    for name in in_place:
+        loaded.pop(name)
+    result = gpt.load_state_dict(loaded, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("._extra_state") and
+               k not in in_place]
+    if missing:
+        raise ConfigError(f"checkpoint {directory} lacks {missing[0]} (and {len(missing) - 1} "
+                          "more): it was saved from a different model")
+
+
+def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "auto",
+               pg_collection=None, expect_kind: Optional[str] = None):
+    """Build the model a checkpoint describes for this rank's tp/pp stage and load its weights.
+
+    Returns ``(model, checkpoint)``. ``params_dtype`` defaults to the dtype it was saved in.
+    """
+    from ..runtime.layout import validate_layout
+    from .builder import _group_sizes
+
+    ckpt = read_checkpoint(path)
+    if expect_kind is not None and ckpt.meta.kind != expect_kind:
+        raise ConfigError(f"{path} holds a {ckpt.meta.kind} model ({ckpt.meta.architecture}), "
+                          f"but a {expect_kind} model is needed here")
+    tp, pp = _group_sizes(pg_collection)
+    validate_layout(tp * pp, tp, pp, ckpt.config, what=f"{ckpt.meta.kind} model")
+    dtype = params_dtype or dtype_from_name(ckpt.meta.dtype)
+    model = build_model(ckpt.config, reward=ckpt.meta.is_reward, params_dtype=dtype, spec=spec,
+                        pg_collection=pg_collection, perform_initialization=False)
+    load_weights(model, ckpt.path / WEIGHTS_DIR)
+    log.info("loaded %s %s from %s (tp=%d pp=%d, %s)", ckpt.meta.kind, ckpt.meta.architecture,
+             ckpt.path, tp, pp, DTYPE_NAMES.get(dtype, str(dtype)))
+    return model, ckpt
