@@ -59,6 +59,60 @@ def _run_mcore_to_hf(args) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="KV-cached generation from a checkpoint (tp/pp/dp)")
+    p.add_argument("--load", required=True, help="remax-megatron checkpoint directory")
+    p.add_argument("--input", required=True, help='JSONL of {"prompt": ...} or {"messages": ...}')
+    p.add_argument("--output", required=True, help="JSONL written in input order")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch per dp rank")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .rollout.generate_command import GenerateArgs, run_generate, sampling_from_flags
+
+    sampling = sampling_from_flags(args.greedy, args.temperature, args.top_p, args.top_k)
+    return run_generate(GenerateArgs(
+        load=args.load, input=args.input, output=args.output, sampling=sampling,
+        max_new_tokens=args.max_new_tokens, tp=args.tp, pp=args.pp, seed=args.seed,
+        batch_size=args.batch_size, tokenizer=args.tokenizer))
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="ReMax training (no --config: the built-in demo)")
+    p.add_argument("--config", help="run config YAML (default: the built-in demo)")
+    p.add_argument("--output-dir", help="where metrics, plots and checkpoints go")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.lr=1e-6 parallel.tp=2")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from .training import demo
+    from .training.config import load_config
+    from .training.trainer import Trainer
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir
+                                        else [])
+    cfg = load_config(args.config, overrides, base=None if args.config else demo.config())
+    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="remax-megatron",
@@ -68,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_info(sub)
     _add_convert(sub)
+    _add_generate(sub)
+    _add_train(sub)
     return parser
 
 

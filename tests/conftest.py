@@ -23,7 +23,9 @@ def _free_port() -> int:
 
 def worker_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # the tests folder too, so workers can import rule rewards defined in test modules
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"),
+                                                      env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"  # several ranks share 2 cores
     env["PYTHONWARNINGS"] = "ignore"
     env.pop("RANK", None)

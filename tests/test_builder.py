@@ -83,3 +83,16 @@ def test_spec_selection_on_cpu():
         resolve_spec("fast")
     with pytest.raises(ConfigError, match="dtype 'fp8' is unknown"):
         dtype_from_name("fp8")
+
+
+def test_uninitialized_models_keep_tensor_parallel_attributes(megatron_runtime):
+    """megatron sets partition attributes only while initializing; a model built to be loaded
+    from a checkpoint must carry the same ones (they drive the grad-norm sum, among others)."""
+    def attrs(model):
+        return {n: (getattr(p, "tensor_model_parallel", None), getattr(p, "partition_dim", None),
+                    getattr(p, "partition_stride", None)) for n, p in model.named_parameters()}
+
+    for config in (LLAMA, GPT2):
+        assert attrs(build_policy(config, perform_initialization=False)) == \
+            attrs(build_policy(config, perform_initialization=True))
+    assert attrs(build_policy(LLAMA))["decoder.layers.0.mlp.linear_fc1.weight"] == (True, 0, 2)

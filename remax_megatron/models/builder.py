@@ -113,6 +113,35 @@ def _stage_flags(pg_collection) -> tuple[bool, bool]:
     return rank == 0, rank == size - 1
 
 
+def mark_tensor_parallel(model: torch.nn.Module) -> None:
+    """Give every tensor-parallel weight megatron's partition attributes.
+
+    megatron-core sets them while initializing weights, so a model built without initialization
+    (to be loaded from a checkpoint) lacks them, and megatron then treats those weights as
+    replicated (for example in the gradient-norm sum). Biases are marked by megatron either way.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
+            continue
+        mode = getattr(module, "parallel_mode", None)  # Transformer Engine's linears
+        gated_fc1 = name.endswith("mlp.linear_fc1") and module.config.gated_linear_unit
+        if isinstance(module, VocabParallelEmbedding):
+            rule = (0, 1)
+        elif isinstance(module, ColumnParallelLinear) or mode == "column":
+            rule = (0, 2 if gated_fc1 else 1)  # SwiGLU fc1 = [gate; up], each sharded
+        elif isinstance(module, RowParallelLinear) or mode == "row":
+            rule = (1, 1)
+        else:
+            continue
+        set_tensor_model_parallel_attributes(weight, True, *rule)
+
+
 def _gpt_kwargs(model: ModelConfig, tp: int, pre: bool, post: bool) -> dict:
     return dict(
         vocab_size=model.padded_vocab_size(tp),
@@ -140,6 +169,7 @@ def build_policy(model: ModelConfig, params_dtype: torch.dtype = torch.float32, 
         **_gpt_kwargs(model, tp, pre, post),
     )
     gpt.model_config = model
+    mark_tensor_parallel(gpt)
     return gpt
 
 
@@ -202,6 +232,7 @@ def build_reward_model(model: ModelConfig, params_dtype: torch.dtype = torch.flo
         **_gpt_kwargs(model, tp, pre, post),
     )
     rm.model_config = model
+    mark_tensor_parallel(rm)
     return rm
 
 

@@ -100,6 +100,13 @@ def write_checkpoint_files(directory: Path, meta: CheckpointMeta, config: ModelC
         atomic_write_text(directory / HF_CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
 
 
+def sharded_state_dict(gpt) -> dict:
+    """megatron's sharded state dict with the model's own data-parallel group (a reward model
+    on its own process groups has a different one than parallel_state's)."""
+    dp_cp = getattr(gpt.pg_collection, "dp_cp", None)
+    return gpt.sharded_state_dict(metadata={"dp_cp_group": dp_cp} if dp_cp is not None else None)
+
+
 def save_weights(model, directory: Path) -> None:
     """dist_checkpointing save of ``model`` (every rank calls it) into ``directory``."""
     from megatron.core import dist_checkpointing
@@ -107,7 +114,7 @@ def save_weights(model, directory: Path) -> None:
     from .builder import unwrap
 
     directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
+    dist_checkpointing.save(sharded_state_dict(unwrap(model)), str(directory))
 
 
 def save_full_weights(model, named_tensors, directory: Path) -> None:
@@ -168,7 +175,7 @@ def load_weights(model, directory: Path) -> None:
     from .builder import unwrap
 
     gpt = unwrap(model)
-    state = gpt.sharded_state_dict()
+    state = sharded_state_dict(gpt)
     # Factories (SwiGLU fc1) would load into fresh halves and concatenate them into a third
     # copy; building them here makes their halves views of the parameter, loaded in place.
     in_place = [name for name, entry in state.items() if isinstance(entry, ShardedTensorFactory)]

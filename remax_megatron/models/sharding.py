@@ -158,3 +158,41 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
         for name, t in gpt.state_dict().items()
         if not name.endswith("._extra_state")
     }
+
+
+def seeded_full_weights(model, seed: int) -> dict[str, torch.Tensor]:
+    """Fresh weights for this rank's parameters in the layout-independent full form, each drawn
+    from a generator seeded by (seed, global name): the same model at every tp/pp layout.
+
+    megatron-style init: normal(0, std) weights, std / sqrt(2 * layers) for the projections
+    into the residual stream, ones for norm scales, zeros for biases.
+    """
+    import zlib
+
+    from .builder import unwrap
+
+    gpt = unwrap(model)
+    cfg = gpt.config
+    tp_size = gpt.pg_collection.tp.size()
+    offset = layer_offset(gpt)
+    vocab = gpt.model_config.vocab_size
+    out = {}
+    for local, param in gpt.named_parameters():
+        name = global_name(local, offset)
+        shape = list(param.shape)
+        rule = _tp_rule(param)
+        if rule:
+            shape[rule[0]] *= tp_size
+        if name in VOCAB_PARAMS or local in VOCAB_PARAMS:
+            shape[0] = vocab
+        if name.endswith(".bias"):
+            out[name] = torch.zeros(shape)
+        elif "norm" in name:
+            out[name] = torch.ones(shape)
+        else:
+            std = cfg.init_method_std
+            if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                std = std / (2.0 * cfg.num_layers) ** 0.5
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            out[name] = torch.randn(shape, generator=g) * std
+    return out

@@ -1,0 +1,68 @@
+"""The prompt stream for training: over-length prompts dropped (and counted), a seeded shuffle per
+epoch, global batches that wrap across epochs, and disjoint shares per data-parallel rank.
+
+Its whole state is (epoch, cursor), so a resumed run continues with exactly the next prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config_io import ConfigError
+from .prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    cursor: int = 0  # prompts of this epoch already handed out
+
+
+class PromptLoader:
+    def __init__(self, prompts: list[Prompt], max_prompt_length: int, global_batch_size: int,
+                 seed: int, shuffle: bool = True):
+        self.prompts = [p for p in prompts if len(p.ids) <= max_prompt_length]
+        self.dropped = len(prompts) - len(self.prompts)
+        if self.dropped:
+            log.warning("dropped %d of %d prompts longer than data.max_prompt_length=%d tokens",
+                        self.dropped, len(prompts), max_prompt_length)
+        if len(self.prompts) < global_batch_size:
+            raise ConfigError(
+                f"only {len(self.prompts)} prompts fit data.max_prompt_length={max_prompt_length}, "
+                f"fewer than train.global_batch_size={global_batch_size}: add prompts or lower "
+                "the batch size")
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.state = LoaderState()
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.prompts)))
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.randperm(len(self.prompts), generator=g).tolist()
+
+    def steps_per_epoch(self) -> int:
+        return len(self.prompts) // self.global_batch_size
+
+    def next_batch(self) -> list[Prompt]:
+        """The next global batch (all dp ranks' prompts), continuing into the next epoch."""
+        batch = []
+        while len(batch) < self.global_batch_size:
+            order = self._order(self.state.epoch)
+            take = min(self.global_batch_size - len(batch), len(order) - self.state.cursor)
+            batch += [self.prompts[i] for i in order[self.state.cursor:self.state.cursor + take]]
+            self.state.cursor += take
+            if self.state.cursor == len(order):
+                self.state = LoaderState(self.state.epoch + 1, 0)
+        return batch
+
+
+def share_of(batch: list, dp_rank: int, dp: int) -> list:
+    """This data-parallel rank's disjoint share of a global batch."""
+    return batch[dp_rank::dp]

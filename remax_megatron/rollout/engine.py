@@ -1,0 +1,178 @@
+"""KV-cached generation from the training model itself, under tensor, pipeline and data parallelism.
+
+The decode loop walks megatron-core's own modules (embedding, each layer's norms, QKV and output
+projections, MLP, final norm, output layer): tensor parallelism is theirs, the weights are the
+training weights (no second copy), and only attention against the cache is ours. That lets each
+row carry its own positions (left- or right-padded prompts get exactly transformers' positions,
+RoPE included) and lets the k continuations of a prompt share its prefill (see kv_cache).
+
+Pipeline stages pass hidden states point to point; the last stage gathers the vocab-parallel
+logits, chooses tokens and broadcasts them to every stage. Data-parallel ranks run their own
+prompts independently.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..config_io import ConfigError
+from ..models.builder import unwrap
+from .forward import StageForward
+from .kv_cache import SharedPrefixKVCache
+from .sampling import GREEDY, SamplingParams, choose, mask_vocab_padding, row_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationOutput:
+    """R = B * len(continuations) rows, prompt-major: row r continues prompt r // k."""
+
+    tokens: torch.Tensor  # [R, T] generated ids (EOS included when produced), pad after the end
+    response_mask: torch.Tensor  # [R, T] bool
+    lengths: torch.Tensor  # [R] number of generated tokens
+    finish_reason: list  # "eos" | "length" per row
+    log_probs: torch.Tensor  # [R, T] log softmax(logits)[token] under the policy (T=1, unfiltered)
+    prompt_index: torch.Tensor  # [R]
+    continuation: torch.Tensor  # [R] index into ``continuations``
+
+
+def _check_lengths(prompt_mask: torch.Tensor, max_new_tokens: int, max_positions: int) -> None:
+    longest = int(prompt_mask.sum(-1).max()) if prompt_mask.numel() else 0
+    if longest + max_new_tokens > max_positions:
+        raise ConfigError(
+            f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"{max_positions} positions: shorten the prompts or lower max_new_tokens")
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+             continuations: Sequence[SamplingParams] = (GREEDY,), max_new_tokens: int = 64,
+             eos_token_ids: Sequence[int] = (), vocab_size: int | None = None, seed: int = 0,
+             sample_ids: torch.Tensor | None = None, pad_token_id: int = 0) -> GenerationOutput:
+    """Generate ``len(continuations)`` continuations of every prompt, the prompt prefilled once.
+
+    Args:
+        model: the (tp/pp-sharded) policy, possibly wrapped in megatron DDP / Float16Module.
+        prompt_ids, prompt_mask: [B, P]; rows may be left- or right-padded (mask 0 = padding).
+        continuations: one SamplingParams per continuation of each prompt, e.g.
+            (GREEDY, SamplingParams(temperature=1.0, top_p=0.9)) for ReMax.
+        eos_token_ids: a row stops after producing any of them (the EOS is kept in the output).
+        vocab_size: the true vocabulary; padded ids beyond it are never produced.
+        seed, sample_ids: a sampled row draws from a generator seeded by (seed, sample_ids[b],
+            its index among the sampled continuations): reproducible and independent of
+            batching and layout.
+    """
+    gpt = unwrap(model)
+    cfg = gpt.config
+    vocab_size = vocab_size or gpt.model_config.vocab_size
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    _check_lengths(prompt_mask, max_new_tokens, gpt.max_sequence_length)
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompt_ids, prompt_mask, list(continuations), max_new_tokens,
+                         set(int(e) for e in eos_token_ids), vocab_size, seed, sample_ids,
+                         pad_token_id, cfg)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos, vocab_size, seed,
+              sample_ids, pad_token_id, cfg) -> GenerationOutput:
+    fwd = StageForward(model)
+    pipe = fwd.pipe
+    device = fwd.device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device).long()
+    batch, k = prompt_ids.size(0), len(continuations)
+    rows = batch * k
+    tp_size = fwd.tp_group.size()
+    cache = SharedPrefixKVCache(
+        len(fwd.layers), prompt_mask, k, max_new_tokens,
+        groups=cfg.num_query_groups // tp_size, head_dim=cfg.kv_channels, dtype=fwd.dtype)
+
+    prompt_len = prompt_mask.sum(-1)
+    last_real = torch.where(prompt_mask.bool(), torch.arange(prompt_mask.size(1), device=device),
+                            torch.zeros_like(prompt_mask)).max(-1).values
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = fwd.hidden(prompt_ids, positions, cache.prefill, pick=last_real)
+    logits = None
+    if hidden is not None:  # last stage: one prefill serves all k continuations of a prompt
+        logits = mask_vocab_padding(fwd.logits(hidden), vocab_size).repeat_interleave(k, dim=0)
+
+    ids = torch.arange(batch) if sample_ids is None else sample_ids.cpu()
+    streams = _sampling_streams(continuations)
+    generators = [None if streams[r % k] is None else row_generator(seed, int(ids[r // k]),
+                                                                     streams[r % k])
+                  for r in range(rows)]
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    log_probs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    hit_eos = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    row_prompt_len = prompt_len.repeat_interleave(k)
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+
+    step = 0
+    while True:
+        uniforms = torch.tensor([float(torch.rand((), generator=g)) if g is not None else 0.0
+                                 for g in generators], device=device)
+        chosen = torch.zeros(rows, dtype=torch.long, device=device)
+        if logits is not None:
+            chosen = _choose_rows(logits, continuations, uniforms)
+            lp = logits.gather(-1, chosen[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+            log_probs[:, step] = torch.where(finished, torch.zeros_like(lp), lp)
+        chosen = pipe.from_last(chosen)
+        chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
+        tokens[:, step] = chosen
+        lengths += (~finished).long()
+        if eos_ids.numel():
+            newly_eos = ~finished & torch.isin(chosen, eos_ids)
+            hit_eos |= newly_eos
+            finished |= newly_eos
+        step += 1
+        if bool(finished.all()) or step == max_new_tokens:
+            break
+        step_positions = (row_prompt_len + step - 1).unsqueeze(1)
+        attend = _decode_attend(cache, step - 1)
+        hidden = fwd.hidden(chosen.unsqueeze(1), step_positions, attend, pick=None)
+        logits = None if hidden is None else mask_vocab_padding(fwd.logits(hidden), vocab_size)
+
+    log_probs = pipe.from_last(log_probs)
+    tokens, log_probs = tokens[:, :step], log_probs[:, :step]
+    response_mask = torch.arange(step, device=device)[None, :] < lengths[:, None]
+    reasons = ["eos" if e else "length" for e in hit_eos.tolist()]
+    return GenerationOutput(
+        tokens=tokens, response_mask=response_mask, lengths=lengths, finish_reason=reasons,
+        log_probs=log_probs * response_mask, prompt_index=torch.arange(batch).repeat_interleave(k),
+        continuation=torch.arange(k).repeat(batch))
+
+
+def _sampling_streams(continuations: list) -> list:
+    """Random stream of each continuation: its index among the sampled ones (greedy: None), so
+    a (greedy, sampled) pair samples exactly what a sampled-only call does."""
+    streams, count = [], 0
+    for params in continuations:
+        streams.append(None if params.greedy else count)
+        count += 0 if params.greedy else 1
+    return streams
+
+
+def _decode_attend(cache: SharedPrefixKVCache, step: int):
+    def attend(layer, q, k, v):
+        return cache.decode(layer, step, q, k, v)
+    return attend
+
+
+def _choose_rows(logits: torch.Tensor, continuations: list, uniforms: torch.Tensor) -> torch.Tensor:
+    """Rows are prompt-major, so continuation c owns rows c, c+k, c+2k, ..."""
+    k = len(continuations)
+    chosen = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+    for c, params in enumerate(continuations):
+        chosen[c::k] = choose(logits[c::k], params, uniforms[c::k])
+    return chosen

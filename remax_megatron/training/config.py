@@ -1,0 +1,159 @@
+"""The training run's config: dataclasses, loaded from YAML with ``key=value`` overrides, and
+checked (unknown keys, impossible batch splits, missing files) before any model is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..algorithms.remax import ReMaxConfig
+from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ..models.config import ModelConfig
+
+
+@dataclass
+class PolicyConfig:
+    load: Optional[str] = None  # a remax-megatron checkpoint (convert an HF model first)
+    model: Optional[ModelConfig] = None  # or a fresh randomly initialized model (the demo)
+    tokenizer: Optional[str] = None  # default: the checkpoint's tokenizer/
+    builtin_tokenizer: bool = False  # the demo's in-process tokenizer
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    backend: str = "auto"
+
+
+@dataclass
+class RewardConfig:
+    rule: Optional[str] = None  # "module:function(prompts, responses) -> list[float]"
+    load: Optional[str] = None  # a reward-model checkpoint (converted HF sequence classifier)
+    tokenizer: Optional[str] = None  # default: the reward checkpoint's tokenizer/
+    tp: int = 1  # the reward model's own layout, independent of the policy's
+    pp: int = 1
+    micro_batch_size: int = 8
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # JSONL / parquet rows {"prompt": ...} or {"messages": [...]}
+    builtin: bool = False  # the demo's built-in prompts
+    max_prompt_length: int = 256  # longer prompts are dropped (and counted)
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # the official code samples at 1.0 with top_p 0.9
+    top_p: float = 0.9
+    top_k: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None  # default: epochs over the data
+    epochs: float = 1.0
+    global_batch_size: int = 8  # prompts per step, over all data-parallel ranks
+    micro_batch_size: int = 4  # sequences per micro-batch
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
+    seed: int = 1234
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    plot: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0  # steps; 0: only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class RunConfig:
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: ReMaxConfig = field(default_factory=ReMaxConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: str = "runs/remax"
+
+
+def load_config(path: Optional[str], overrides: list[str], base: Optional[dict] = None) -> RunConfig:
+    """``base`` (e.g. the demo) <- YAML file <- ``key=value`` overrides; unknown keys are errors."""
+    data = _merge(base or {}, load_yaml(path) if path else {})
+    apply_overrides(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def check_config(cfg: RunConfig, world_size: int) -> None:
+    """Everything that can be checked before building a model; one line per problem."""
+    from ..runtime.layout import validate_layout
+
+    p, t = cfg.policy, cfg.train
+    if (p.load is None) == (p.model is None):
+        raise ConfigError("set exactly one of policy.load (a checkpoint) or policy.model "
+                          "(a fresh model config)")
+    if p.load is not None and not Path(p.load).is_dir():
+        raise ConfigError(f"policy.load={p.load} does not exist: convert your HF model with "
+                          "remax-megatron convert hf-to-mcore first")
+    if (cfg.reward.rule is None) == (cfg.reward.load is None):
+        raise ConfigError("set exactly one of reward.rule (module:function) or reward.load "
+                          "(a reward-model checkpoint)")
+    if cfg.reward.load is not None and not Path(cfg.reward.load).is_dir():
+        raise ConfigError(f"reward.load={cfg.reward.load} does not exist: convert your HF reward "
+                          "model with remax-megatron convert hf-to-mcore --model-type reward")
+    if (cfg.data.path is None) == (not cfg.data.builtin):
+        raise ConfigError("set exactly one of data.path (JSONL/parquet) or data.builtin: true")
+    if cfg.data.path is not None and not Path(cfg.data.path).is_file():
+        raise ConfigError(f"data.path={cfg.data.path} does not exist")
+    layout = validate_layout(world_size, cfg.parallel.tp, cfg.parallel.pp, p.model, "policy")
+    validate_layout(world_size, cfg.reward.tp, cfg.reward.pp, None, "reward model")
+    per_rank = t.global_batch_size // layout.dp
+    if t.global_batch_size % (layout.dp * t.micro_batch_size):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by dp x "
+            f"micro_batch_size = {layout.dp} x {t.micro_batch_size}: make it a multiple of "
+            f"{layout.dp * t.micro_batch_size}")
+    if per_rank < 1:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} gives dp rank no prompt")
+    for name, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                        ("data.max_prompt_length", cfg.data.max_prompt_length),
+                        ("train.micro_batch_size", t.micro_batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1")
+    if t.steps is not None and t.steps < 1:
+        raise ConfigError(f"train.steps={t.steps} must be at least 1")
+    if t.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.dtype={t.dtype!r}: use auto, fp32, bf16 or fp16")
+
+
+def snapshot(cfg: RunConfig) -> dict:
+    return to_dict(cfg)

@@ -1,0 +1,25 @@
+"""The example configs parse (every key known, every value typed) and are valid layouts."""
+
+from pathlib import Path
+
+import pytest
+
+from remax_megatron.runtime.layout import validate_layout
+from remax_megatron.training.config import load_config
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*/config.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.parent.name)
+def test_example_config_parses(path):
+    cfg = load_config(str(path), [])
+    assert cfg.policy.load and cfg.reward.load and cfg.data.path
+    world = {"gpt2_124m": 8, "llama2_7b": 16}[path.parent.name]  # one / two 8-GPU nodes
+    validate_layout(world, cfg.parallel.tp, cfg.parallel.pp)
+    validate_layout(world, cfg.reward.tp, cfg.reward.pp)
+    dp = world // (cfg.parallel.tp * cfg.parallel.pp)
+    assert cfg.train.global_batch_size % (dp * cfg.train.micro_batch_size) == 0
+
+
+def test_there_are_examples():
+    assert {p.parent.name for p in EXAMPLES} == {"gpt2_124m", "llama2_7b"}

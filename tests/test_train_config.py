@@ -1,0 +1,109 @@
+"""Training configs: YAML + overrides, and every bad config failing with one line before any
+process group or model is built."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from remax_megatron import tiny
+from remax_megatron.config_io import ConfigError, save_yaml
+from remax_megatron.convert.commands import hf_to_mcore
+from remax_megatron.training import demo
+from remax_megatron.training import trainer as trainer_module
+from remax_megatron.training.config import load_config
+from remax_megatron.training.trainer import Trainer
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Any attempt to start the runtime or build a model fails the test."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model or process group was built before the config was checked")
+
+    monkeypatch.setattr(trainer_module, "init_runtime", forbidden)
+    monkeypatch.setattr(trainer_module, "build_policy", forbidden)
+    monkeypatch.setattr(trainer_module, "load_model", forbidden)
+
+
+def fails(cfg, needle):
+    with pytest.raises(ConfigError) as err:
+        Trainer(cfg)
+    assert needle in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_and_overrides_layer_on_the_demo(tmp_path):
+    path = tmp_path / "run.yaml"
+    save_yaml({"train": {"lr": 1e-5}, "rollout": {"max_new_tokens": 8}}, path)
+    cfg = load_config(str(path), ["train.steps=3", "algorithm.loss_reduction=token_mean"],
+                      base=demo.config())
+    assert (cfg.train.lr, cfg.train.steps, cfg.rollout.max_new_tokens) == (1e-5, 3, 8)
+    assert cfg.algorithm.loss_reduction == "token_mean"
+    assert cfg.policy.model.num_layers == 2  # from the demo base
+
+
+def test_unknown_key(nothing_built):
+    with pytest.raises(ConfigError, match=r"unknown config key train.learning_rate; known keys "
+                                          r"under train: adam_beta1"):
+        load_config(None, ["train.learning_rate=1e-6"], base=demo.config())
+
+
+def test_missing_checkpoint(nothing_built, tmp_path):
+    cfg = load_config(None, [f"policy.load={tmp_path}/nope", "policy.model=null"],
+                      base=demo.config())
+    fails(cfg, f"policy.load={tmp_path}/nope does not exist: convert your HF model")
+
+
+def test_batch_not_divisible_by_dp_times_micro_batch(nothing_built):
+    cfg = load_config(None, ["train.global_batch_size=30", "train.micro_batch_size=16"],
+                      base=demo.config())
+    fails(cfg, "train.global_batch_size=30 is not divisible by dp x micro_batch_size = 1 x 16")
+
+
+def test_impossible_layout(nothing_built):
+    cfg = load_config(None, ["parallel.tp=3"], base=demo.config())
+    fails(cfg, "world size 1 is not divisible by tp*pp=3*1=3")
+
+
+def test_tokenizer_that_does_not_fit_the_checkpoint(nothing_built, tmp_path):
+    small = tiny.build_tokenizer(200)
+    big = tiny.build_tokenizer(300)
+    model = tiny.build_hf_model("LlamaForCausalLM", len(small), num_hidden_layers=1)
+    ckpt = hf_to_mcore(tiny.save_hf(model, small, tmp_path / "hf"), tmp_path / "ckpt")
+    big.save_pretrained(tmp_path / "big_tok")
+    cfg = load_config(None, [f"policy.load={ckpt}", "policy.model=null",
+                             "policy.builtin_tokenizer=false",
+                             f"policy.tokenizer={tmp_path / 'big_tok'}"], base=demo.config())
+    fails(cfg, f"has {len(big)} ids but the model's vocabulary has {len(small)}")
+
+
+def test_missing_data_file_and_bad_rule(nothing_built, tmp_path):
+    cfg = load_config(None, ["data.builtin=false", f"data.path={tmp_path}/p.jsonl"],
+                      base=demo.config())
+    fails(cfg, f"data.path={tmp_path}/p.jsonl does not exist")
+    cfg = load_config(None, ["reward.rule=no_such_module:f"], base=demo.config())
+    fails(cfg, "reward.rule: cannot import no_such_module")
+
+
+def test_prompts_longer_than_the_limit_are_dropped_and_counted(nothing_built, tmp_path):
+    rows = [{"prompt": "hi"}] * 40 + [{"prompt": "word " * 80}] * 3
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, ["data.builtin=false", f"data.path={tmp_path / 'p.jsonl'}",
+                             "data.max_prompt_length=16", "train.global_batch_size=64"],
+                      base=demo.config())
+    fails(cfg, "only 40 prompts fit data.max_prompt_length=16, fewer than "
+               "train.global_batch_size=64")
+
+
+def test_cli_bad_config_is_one_line(tmp_path):
+    from conftest import run_python
+
+    proc = run_python(["-m", "remax_megatron", "train", "--output-dir", str(tmp_path / "run"),
+                       "train.global_batch_size=30", "train.micro_batch_size=16"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("remax-megatron train: error: "
+                                                           "train.global_batch_size=30")
+    assert "runtime:" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,144 @@
+"""End-to-end training on CPU: the built-in demo as a single process, the same run at tp2, pp2
+and dp2 with the distributed optimizer (identical rollouts and rewards, losses within float
+noise), KL to a reference, a killed-and-resumed run that logs exactly the uninterrupted run's
+metrics, a non-finite step that is skipped, and export of a training checkpoint to transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from conftest import ROOT, run_python, run_torchrun, worker_env
+from remax_megatron.convert.commands import mcore_to_hf
+
+SMALL = ["train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=4",
+         "rollout.max_new_tokens=8", "train.lr=1e-2"]
+EXACT = ("step", "response_length/sampled", "response_length/greedy", "epoch", "skipped")
+SUMS = ("reward/sampled", "reward/greedy", "advantage/mean", "advantage/std")  # summed per dp rank
+CLOSE = ("loss", "entropy", "grad_norm", "kl", "lr")
+KEYS = EXACT + SUMS + CLOSE + ("time/rollout", "time/reward", "time/train", "time/step",
+                        "tokens_per_second", "memory/peak_gib")
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_run(a: list[dict], b: list[dict], tol: float = 1e-4) -> None:
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        for key in EXACT:
+            assert x[key] == y[key], (x["step"], key, x[key], y[key])
+        for key in SUMS:  # the same rewards; float sums in another order when dp differs
+            assert abs(x[key] - y[key]) <= min(tol, 1e-6), (x["step"], key, x[key], y[key])
+        for key in CLOSE:
+            assert abs(x[key] - y[key]) <= tol * max(1.0, abs(x[key])), (x["step"], key)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run = tmp_path_factory.mktemp("single") / "run"
+    proc = run_python(["-m", "remax_megatron", "train", "--output-dir", str(run), *SMALL])
+    return run, proc
+
+
+def test_demo_single_process_writes_everything(single):
+    run, proc = single
+    rows = metrics(run)
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    for m in rows:
+        assert set(KEYS) <= set(m)
+        assert all(isinstance(m[k], (int, float)) for k in KEYS)
+    assert "reward of sampled responses:" in proc.stderr
+    assert (run / "reward_curves.png").stat().st_size > 1000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+def test_training_checkpoint_exports_to_transformers(single, tmp_path):
+    run, _ = single
+    out = mcore_to_hf(run / "checkpoints" / "step_000003", tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("tell me about the lazy dog", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"],
+                                    ["train.use_distributed_optimizer=true"]],
+                         ids=["tp2", "pp2", "dp2_distributed_optimizer"])
+def test_parallel_runs_match_the_single_process_run(layout, single, tmp_path):
+    run = tmp_path / "run"
+    run_torchrun(2, ["-m", "remax_megatron", "train", "--output-dir", str(run), *SMALL, *layout])
+    same_run(metrics(single[0]), metrics(run))
+
+
+@pytest.mark.distributed
+def test_kl_to_a_reference_and_token_mean(tmp_path):
+    run = tmp_path / "run"
+    run_torchrun(2, ["-m", "remax_megatron", "train", "--output-dir", str(run), *SMALL,
+                     "parallel.pp=2", "algorithm.kl_coef=0.05", "algorithm.gamma=0.95",
+                     "algorithm.loss_reduction=token_mean", "algorithm.clip_advantage=5.0"])
+    rows = metrics(run)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 1
+    assert any(abs(m["kl"]) > 1e-6 for m in rows[1:])  # they part after an update
+
+
+def test_killed_and_resumed_run_logs_the_same_metrics(tmp_path):
+    args = [sys.executable, "-m", "remax_megatron", "train", *SMALL, "train.steps=4",
+            "checkpoint.save_every=2"]
+    full = tmp_path / "full"
+    run_python(args[1:] + ["--output-dir", str(full)])
+
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen(args + ["--output-dir", str(broken)], env=worker_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = broken / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # killed right after the step-2 checkpoint
+    proc.wait()
+    assert latest.read_text().strip() == "step_000002"
+    run_python(args[1:] + ["--output-dir", str(broken), "--resume"])
+    same_run(metrics(full), metrics(broken), tol=0.0)
+    a = mcore_to_hf(full / "checkpoints" / "step_000004", tmp_path / "a")
+    b = mcore_to_hf(broken / "checkpoints" / "step_000004", tmp_path / "b")
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def huge_rewards(prompts, responses):
+    """Finite rewards whose greedy/sampled difference overflows: a non-finite loss."""
+    return [3e38 if len(r) % 2 else -3e38 for r in responses]
+
+
+def test_non_finite_step_is_skipped_and_leaves_weights(tmp_path):
+    run = tmp_path / "run"
+    run_python(["-m", "remax_megatron", "train", "--output-dir", str(run), *SMALL,
+                "train.steps=1", "reward.rule=test_train_e2e:huge_rewards"])
+    (row,) = metrics(run)
+    assert row["skipped"] == 1
+    # the run was seeded like the single-process demo: its initial weights are the ones saved
+    init = tmp_path / "init"
+    run_python(["-m", "remax_megatron", "train", "--output-dir", str(init), *SMALL,
+                "train.steps=1", "train.lr=0.0"])
+    a = mcore_to_hf(run / "checkpoints" / "step_000001", tmp_path / "a")
+    b = mcore_to_hf(init / "checkpoints" / "step_000001", tmp_path / "b")
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
