@@ -23,7 +23,7 @@ LOGPROB_TOL = 1e-4
 
 def right_pad(sequences, pad_id):
     ids, mask = left_pad(sequences, pad_id)
-    for row, seq in enumerate(sequences):
+    for row in range(len(sequences)):
         ids[row] = torch.cat([ids[row][mask[row].bool()], ids[row][~mask[row].bool()]])
         mask[row] = torch.sort(mask[row], descending=True).values
     return ids, mask

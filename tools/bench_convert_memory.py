@@ -115,17 +115,15 @@ def main() -> int:
               "RSS")
         cli = [sys.executable, "-m", "remax_megatron", "convert"]
         rows = []
-        for label, cmd, src in (
-            ("hf-to-mcore", cli + ["hf-to-mcore", "--hf", str(hf_dir), "--out", str(mc_dir)],
-             hf_dir),
-            ("mcore-to-hf", cli + ["mcore-to-hf", "--load", str(mc_dir), "--out", str(back_dir)],
-             mc_dir),
+        for label, cmd in (
+            ("hf-to-mcore", cli + ["hf-to-mcore", "--hf", str(hf_dir), "--out", str(mc_dir)]),
+            ("mcore-to-hf", cli + ["mcore-to-hf", "--load", str(mc_dir), "--out", str(back_dir)]),
         ):
             r = measure(cmd)
-            rows.append((label, r, _size(src)))
+            rows.append((label, r))
         print(f"{'step':<12} {'seconds':>8} {'peak RSS':>10} {'peak PSS tree':>14} "
               f"{'RSS / ckpt':>11} {'PSS / ckpt':>11}")
-        for label, r, src_size in rows:
+        for label, r in rows:
             print(f"{label:<12} {r['seconds']:>8.1f} {r['rss'] / 2**30:>9.2f}G "
                   f"{r['pss'] / 2**30:>13.2f}G {r['rss'] / size:>10.2f}x {r['pss'] / size:>10.2f}x")
         print(f"goal: peak memory at most 1.3x the checkpoint ({1.3 * size / 2**30:.2f} GiB)")

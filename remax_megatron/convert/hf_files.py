@@ -105,10 +105,6 @@ class HFWeights:
                 return info.dtype
         raise ConfigError(f"{self.directory} holds no floating-point weights")
 
-    def nbytes(self) -> int:
-        return sum(info.file.stat().st_size for info in {i.file: i for i in
-                                                          self.tensors.values()}.values())
-
 
 def _index_files(directory: Path, index_name: str) -> dict[str, Path]:
     path = directory / index_name

@@ -247,10 +247,6 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def dtype_from_name(name: str) -> torch.dtype:
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable
 
-import torch
 
-from ..models.builder import unwrap
 
 
 @dataclass
@@ -102,12 +100,4 @@ def forward_backward(model, batches: Iterable[dict], loss_fn: Callable, seq_leng
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-
-
-def is_last_stage(model) -> bool:
-    return unwrap(model).post_process
-
-
-def is_first_stage(model) -> bool:
-    return unwrap(model).pre_process
 
