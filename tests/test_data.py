@@ -41,22 +41,25 @@ def make(n, length=3):
 
 def test_epochs_wrap_and_shuffle_is_seeded():
     loader = PromptLoader(make(10), max_prompt_length=8, global_batch_size=4, seed=1)
-    seen = [p.index for _ in range(5) for p in loader.next_batch()]  # 20 = two epochs
+    batches = [loader.next_batch() for _ in range(5)]  # 20 = two epochs
+    seen = [p.index for b in batches for _, p in b]
+    uids = [uid for b in batches for uid, _ in b]
+    assert len(set(uids)) == 20  # a prompt seen again in a later epoch gets a new sample id
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert seen[:10] != seen[10:]  # a new order each epoch
     again = PromptLoader(make(10), max_prompt_length=8, global_batch_size=4, seed=1)
-    assert [p.index for _ in range(5) for p in again.next_batch()] == seen
+    assert [p.index for _ in range(5) for _, p in again.next_batch()] == seen
     assert loader.state.epoch == 2 and loader.state.cursor == 0
 
 
 def test_resuming_from_the_state_continues_exactly():
     full = PromptLoader(make(10), 8, 4, seed=3)
-    order = [p.index for _ in range(6) for p in full.next_batch()]
+    order = [uid for _ in range(6) for uid, _ in full.next_batch()]
     part = PromptLoader(make(10), 8, 4, seed=3)
-    first = [p.index for _ in range(2) for p in part.next_batch()]
+    first = [uid for _ in range(2) for uid, _ in part.next_batch()]
     resumed = PromptLoader(make(10), 8, 4, seed=3)
     resumed.state = part.state
-    rest = [p.index for _ in range(4) for p in resumed.next_batch()]
+    rest = [uid for _ in range(4) for uid, _ in resumed.next_batch()]
     assert first + rest == order
 
 

@@ -107,3 +107,12 @@ def test_cli_bad_config_is_one_line(tmp_path):
                                                            "train.global_batch_size=30")
     assert "runtime:" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("rollout.temperature=0.0", "rollout: temperature=0.0 must be > 0"),
+    ("reward.micro_batch_size=0", "reward.micro_batch_size=0 must be at least 1"),
+    ("policy.tokenizer=/nowhere", "policy.tokenizer=/nowhere is not a directory"),
+])
+def test_more_bad_values(nothing_built, override, needle):
+    fails(load_config(None, [override], base=demo.config()), needle)

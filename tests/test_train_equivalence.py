@@ -18,10 +18,10 @@ N = 8
 TOL = 2e-5
 
 
-def plain_torch_loss(model, prompts, responses, adv, rollout_lp, ref_lp, alg):
+def plain_torch_loss(model, prompts, responses, adv, ref_lp, alg):
     """sum over sequences and response tokens of -return_t * log pi(y_t), where
-    return_t = kl_coef * (ref_t - rollout_t) + gamma^(T - t) * A; divided by the number of
-    sequences (sequence_sum) or of response tokens (token_mean)."""
+    return_t = kl_coef * (log pi_ref(y_t) - log pi(y_t)) + gamma^(T - t) * A (the KL term
+    detached); divided by the number of sequences (sequence_sum) or of tokens (token_mean)."""
     total = torch.zeros(())
     tokens = 0
     for i in range(len(prompts)):
@@ -31,8 +31,9 @@ def plain_torch_loss(model, prompts, responses, adv, rollout_lp, ref_lp, alg):
         for t in range(T):
             position = len(prompts[i]) - 1 + t
             token_logp = logp[position, responses[i][t]]
+            # KL in the reward uses the policy's own log-prob (no gradient through it)
             ret = alg["gamma"] ** (T - t) * adv[i] + alg["kl_coef"] * (ref_lp[i][t] -
-                                                                         rollout_lp[i][t])
+                                                                         token_logp.detach())
             total = total - ret * token_logp
         tokens += T
     return total / (len(prompts) if alg["loss_reduction"] == "sequence_sum" else tokens)
@@ -58,7 +59,7 @@ def build_reference(root, alg_name):
     rollout_lp = [(-torch.rand(6, generator=g) * 5).tolist() for _ in range(N)]
     ref_lp = [(-torch.rand(6, generator=g) * 5).tolist() for _ in range(N)]
     alg = ALGORITHMS[alg_name]
-    loss = plain_torch_loss(model, prompts, responses, adv, rollout_lp, ref_lp, alg)
+    loss = plain_torch_loss(model, prompts, responses, adv, ref_lp, alg)
     model.zero_grad()
     loss.backward()
     hf_grads = {name: p.grad for name, p in model.named_parameters()}

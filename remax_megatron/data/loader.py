@@ -50,13 +50,17 @@ class PromptLoader:
     def steps_per_epoch(self) -> int:
         return len(self.prompts) // self.global_batch_size
 
-    def next_batch(self) -> list[Prompt]:
-        """The next global batch (all dp ranks' prompts), continuing into the next epoch."""
+    def next_batch(self) -> list[tuple[int, Prompt]]:
+        """The next global batch (all dp ranks' prompts), continuing into the next epoch, as
+        (sample id, prompt): the id is unique over epochs, so a prompt met twice in one batch
+        (an epoch boundary) is sampled independently each time."""
         batch = []
         while len(batch) < self.global_batch_size:
             order = self._order(self.state.epoch)
             take = min(self.global_batch_size - len(batch), len(order) - self.state.cursor)
-            batch += [self.prompts[i] for i in order[self.state.cursor:self.state.cursor + take]]
+            base = self.state.epoch * len(order)
+            batch += [(base + i, self.prompts[i])
+                      for i in order[self.state.cursor:self.state.cursor + take]]
             self.state.cursor += take
             if self.state.cursor == len(order):
                 self.state = LoaderState(self.state.epoch + 1, 0)

@@ -211,6 +211,9 @@ def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "au
     model = build_model(ckpt.config, reward=ckpt.meta.is_reward, params_dtype=dtype, spec=spec,
                         pg_collection=pg_collection, perform_initialization=False)
     load_weights(model, ckpt.path / WEIGHTS_DIR)
+    # megatron keeps a few modules (learned positions, torch norms) in fp32 whatever params_dtype
+    # says; one dtype throughout is what megatron's Float16Module would give, without the wrapper.
+    model = model.to(dtype)
     log.info("loaded %s %s from %s (tp=%d pp=%d, %s)", ckpt.meta.kind, ckpt.meta.architecture,
              ckpt.path, tp, pp, DTYPE_NAMES.get(dtype, str(dtype)))
     return model, ckpt

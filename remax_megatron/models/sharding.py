@@ -193,6 +193,8 @@ def seeded_full_weights(model, seed: int) -> dict[str, torch.Tensor]:
             std = cfg.init_method_std
             if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
                 std = std / (2.0 * cfg.num_layers) ** 0.5
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            # a pipeline's last stage holds its own copy of tied embeddings: the same values
+            source = _source_name(name, {}, gpt.share_embeddings_and_output_weights)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(source.encode()))
             out[name] = torch.randn(shape, generator=g) * std
     return out

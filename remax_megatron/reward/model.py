@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..data.tokenizer import load_tokenizer
 from ..models.checkpoint import load_model, read_checkpoint
+from ..ops.padding import position_ids
 from ..rollout.attention import padded_causal_attention
 from ..rollout.forward import StageForward
 from ..runtime.groups import build_process_groups
@@ -69,7 +70,7 @@ class RewardModelReward(Reward):
                 ids[row, :len(seq)] = torch.tensor(seq)
                 mask[row, :len(seq)] = 1
             ids, mask = ids.to(self.forward.device), mask.to(self.forward.device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = position_ids(mask)
             last = mask.sum(-1) - 1
 
             def attend(_, q, k, v):
@@ -84,7 +85,11 @@ class RewardModelReward(Reward):
 
     def score(self, items: list[Scored]) -> torch.Tensor:
         world = [None] * dist.get_world_size()
+        self.truncated = 0
         mine = [(i.uid, self._ids(i)) for i in items] if self.contributes else []
+        if self.truncated:
+            log.warning("%d reward-model inputs were longer than its %d positions: their starts "
+                        "were cut", self.truncated, self.max_positions)
         dist.all_gather_object(world, mine)
         everything = sorted((entry for part in world for entry in part), key=lambda e: e[0])
         dp, dp_rank = self.groups.dp.size(), self.groups.dp.rank()

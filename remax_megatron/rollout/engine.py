@@ -21,6 +21,7 @@ import torch
 
 from ..config_io import ConfigError
 from ..models.builder import unwrap
+from ..ops.padding import position_ids
 from .forward import StageForward
 from .kv_cache import SharedPrefixKVCache
 from .sampling import GREEDY, SamplingParams, choose, mask_vocab_padding, row_generator
@@ -99,7 +100,7 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
     prompt_len = prompt_mask.sum(-1)
     last_real = torch.where(prompt_mask.bool(), torch.arange(prompt_mask.size(1), device=device),
                             torch.zeros_like(prompt_mask)).max(-1).values
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(prompt_mask)
     hidden = fwd.hidden(prompt_ids, positions, cache.prefill, pick=last_real)
     logits = None
     if hidden is not None:  # last stage: one prefill serves all k continuations of a prompt

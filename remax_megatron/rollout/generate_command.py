@@ -90,8 +90,8 @@ def run_generate(args: GenerateArgs) -> int:
             log.info("generate: batch %d/%d on dp rank %d, %.1f tokens/s", number, len(batches),
                      dp_rank, produced / max(time.time() - start, 1e-9))
         writer = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
-        gathered = [None] * runtime.world_size
-        dist.all_gather_object(gathered, results if writer else [])
+        gathered = [None] * runtime.world_size if runtime.is_main else None
+        dist.gather_object(results if writer else [], gathered, dst=0)
         if runtime.is_main:
             rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
             text = "".join(json.dumps({k: v for k, v in r.items() if k != "index"}) + "\n"

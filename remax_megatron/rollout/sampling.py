@@ -8,6 +8,7 @@ tensor/pipeline layout.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,15 @@ class SamplingParams:
 GREEDY = SamplingParams(greedy=True)
 
 
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (a hash: distinct tuples do not collide in practice)."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
 def row_generator(seed: int, sample_id: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for one row: the same (seed, sample_id, stream) always gives the same draws."""
-    mixed = (seed * 1_000_003 + sample_id) * 1_000_033 + stream
-    return torch.Generator().manual_seed(mixed % (2**63 - 1))
+    return torch.Generator().manual_seed(mix_seed(seed, sample_id, stream))
 
 
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -71,8 +77,8 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(-1)
     target = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
+    # right=True: the first id whose cumulative mass exceeds the target, never a zero-mass id
     index = torch.searchsorted(cdf, target, right=True).clamp(max=probs.size(-1) - 1)
-    # Never land on a zero-probability id (possible only at cdf plateaus from rounding).
     return index.squeeze(-1)
 
 

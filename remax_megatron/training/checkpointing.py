@@ -72,7 +72,7 @@ def _set_rng_state(state: dict) -> None:
 
 def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
                              meta: CheckpointMeta, model_config, hf_config, tokenizer,
-                             keep_last: int) -> Path:
+                             keep_last: int, extra_files=()) -> Path:
     """Collective: every rank calls it."""
     from megatron.core import dist_checkpointing
 
@@ -98,6 +98,8 @@ def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler,
                                model_config, hf_config)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
         state = {**trainer_state, "scheduler": scheduler.state_dict(),
                  "world_size": dist.get_world_size()}
         atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1) + "\n")

@@ -10,6 +10,7 @@ from typing import Optional
 from ..algorithms.remax import ReMaxConfig
 from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ..models.config import ModelConfig
+from ..rollout.sampling import SamplingParams
 
 
 @dataclass
@@ -151,6 +152,16 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
             raise ConfigError(f"{name}={value} must be at least 1")
     if t.steps is not None and t.steps < 1:
         raise ConfigError(f"train.steps={t.steps} must be at least 1")
+    if p.tokenizer is not None and not Path(p.tokenizer).is_dir():
+        raise ConfigError(f"policy.tokenizer={p.tokenizer} is not a directory: point it at the "
+                          "model's tokenizer files")
+    if cfg.reward.micro_batch_size < 1:
+        raise ConfigError(f"reward.micro_batch_size={cfg.reward.micro_batch_size} must be at least 1")
+    r = cfg.rollout
+    try:
+        SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+    except ConfigError as err:
+        raise ConfigError(f"rollout: {err}") from None
     if t.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.dtype={t.dtype!r}: use auto, fp32, bf16 or fp16")
 

@@ -3,6 +3,7 @@ schedule -> one optimizer step; metrics, checkpoints and exact resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -18,14 +19,15 @@ from ..data.loader import PromptLoader, share_of
 from ..data.prompts import Prompt, load_prompts
 from ..data.tokenizer import check_fits, eos_token_ids, load_tokenizer
 from ..models.builder import build_policy, dtype_from_name, unwrap
-from ..models.checkpoint import CheckpointMeta, load_model, read_checkpoint
+from ..convert.hf_files import GENERATION_CONFIG
+from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_checkpoint
 from ..models.hf_config import HFModelInfo, to_hf_config
 from ..models.sharding import load_full_state_dict, seeded_full_weights
 from ..ops.logprobs import vocab_parallel_log_probs
 from ..reward import Scored
 from ..rollout.engine import generate
 from ..rollout.generate_command import left_pad
-from ..rollout.sampling import GREEDY, SamplingParams
+from ..rollout.sampling import GREEDY, SamplingParams, mix_seed
 from ..runtime.distributed import init_runtime, read_launch_env, shutdown
 from . import demo
 from .checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 # per-step sums reduced over all ranks; each rank fills the part it owns
 ROLLOUT_STATS = ("n", "reward_sampled", "reward_greedy", "adv", "adv_sq", "len_sampled",
                  "len_greedy", "generated_tokens")
-TRAIN_STATS = ("tokens", "entropy", "kl", "loss", "normalizer")
+TRAIN_STATS = ("tokens", "entropy", "kl", "loss", "normalizer", "logprob_mismatch")
 
 
 @dataclass
@@ -167,6 +169,7 @@ class Trainer:
             model = model.float()
         config = model.config
         config.params_dtype = self.dtype
+        config.pipeline_dtype = self.dtype  # megatron sizes pipeline receive buffers by it
         config.bf16 = self.dtype == torch.bfloat16
         config.fp16 = self.dtype == torch.float16
         model = model.to(self.device)
@@ -229,17 +232,17 @@ class Trainer:
         return generate(self.ddp, ids, mask, continuations=[GREEDY, self._sampling()],
                         max_new_tokens=self.cfg.rollout.max_new_tokens, eos_token_ids=self.eos,
                         vocab_size=self.policy.config.vocab_size,
-                        seed=self.cfg.train.seed * 1_000_003 + self.step,
-                        sample_ids=torch.tensor([p.index for _, p in mine]),
+                        seed=mix_seed(self.cfg.train.seed, self.step),
+                        sample_ids=torch.tensor([uid for uid, _ in mine]),
                         pad_token_id=self.pad)
 
     def _items(self, mine, out) -> list[Scored]:
         items = []
         for row in range(out.tokens.size(0)):
-            position, prompt = mine[row // 2]
+            uid, prompt = mine[row // 2]
             response = out.tokens[row, :int(out.lengths[row])].tolist()
             items.append(Scored(
-                uid=2 * position + row % 2, prompt_text=prompt.text,
+                uid=2 * uid + row % 2, prompt_text=prompt.text,
                 response_text=self.tokenizer.decode(response, skip_special_tokens=True),
                 prompt_ids=list(prompt.ids), response_ids=response,
                 ended_with_eos=out.finish_reason[row] == "eos"))
@@ -295,12 +298,15 @@ class Trainer:
         kl = None
         kl_sum = torch.zeros((), device=lp.device)
         if "ref_log_probs" in batch:
-            kl = kl_penalty(batch["rollout_log_probs"], batch["ref_log_probs"], alg.kl_coef)
-            kl_sum = ((batch["rollout_log_probs"] - batch["ref_log_probs"]) * mask).sum()
+            # the policy's own (training-forward) log-probs, as the official code does
+            kl = kl_penalty(lp.detach(), batch["ref_log_probs"], alg.kl_coef)
+            kl_sum = ((lp.detach() - batch["ref_log_probs"]) * mask).sum()
         rets = returns(batch["advantage"], mask, alg.gamma, kl)
         loss_sum, normalizer = policy_loss(lp, rets, mask, alg.loss_reduction)
+        # rollout (KV-cached) vs training log-probs of the same tokens: should be ~0
+        mismatch = ((lp.detach() - batch["rollout_log_probs"]).abs() * mask).sum()
         stats = torch.stack([mask.sum(), (entropy * mask).sum(), kl_sum, loss_sum.detach(),
-                             normalizer.float()])
+                             normalizer.float(), mismatch])
         self._train_stats = self._train_stats + stats.detach().cpu()
         return loss_sum, normalizer.round().to(torch.int), {}
 
@@ -319,12 +325,11 @@ class Trainer:
         start = time.time()
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         batch = self.loader.next_batch()
-        positions = list(range(len(batch)))
-        mine = list(zip(share_of(positions, dp_rank, dp), share_of(batch, dp_rank, dp)))
+        mine = share_of(batch, dp_rank, dp)
 
         out = self._rollout(mine)
         t_rollout = time.time()
-        rewards = self.reward.score(self._items(mine, out))
+        rewards = _agreed(lambda: self.reward.score(self._items(mine, out)))
         r_greedy, r_sampled = rewards[0::2], rewards[1::2]
         adv = advantage(r_sampled, r_greedy, cfg.algorithm.clip_advantage)
         t_reward = time.time()
@@ -340,7 +345,8 @@ class Trainer:
         forward_backward(self.ddp, batches, self._loss, seq_length=width,
                          micro_batch_size=cfg.train.micro_batch_size)
         applied, grad_norm = False, float("nan")
-        if self._grads_finite():
+        if self.dtype == torch.float16 or self._grads_finite():
+            # fp16: megatron's loss scaler finds overflows itself (and lowers the scale)
             applied, grad_norm, _ = self.optimizer.step()
         if applied:
             self.scheduler.step(increment=1)
@@ -387,6 +393,7 @@ class Trainer:
             "response_length/sampled": s["len_sampled"] / n,
             "response_length/greedy": s["len_greedy"] / n,
             "entropy": s["entropy"] / tokens,
+            "logprob_mismatch": s["logprob_mismatch"] / tokens,
             "loss": s["loss"] / max(s["normalizer"], 1.0),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -402,10 +409,17 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step,
                  "loader": [self.loader.state.epoch, self.loader.state.cursor]}
+        meta = dataclasses.replace(self.policy.meta, dtype=DTYPE_NAMES[self.dtype])
         return save_training_checkpoint(
-            self.out, self.step, self.ddp, self.optimizer, self.scheduler, state,
-            self.policy.meta, self.policy.config, self.policy.hf_config, self.tokenizer,
-            self.cfg.checkpoint.keep_last)
+            self.out, self.step, self.ddp, self.optimizer, self.scheduler, state, meta,
+            self.policy.config, self.policy.hf_config, self.tokenizer,
+            self.cfg.checkpoint.keep_last, extra_files=self._extra_files())
+
+    def _extra_files(self) -> list[Path]:
+        """Files of the source checkpoint that exports need (extra EOS ids live there)."""
+        load = self.cfg.policy.load
+        path = Path(load) / GENERATION_CONFIG if load else None
+        return [path] if path is not None and path.is_file() else []
 
     def run(self, stop_after: int | None = None) -> list[dict]:
         """Train to the configured number of steps (or ``stop_after`` more steps)."""
@@ -438,6 +452,22 @@ class Trainer:
 
     def close(self) -> None:
         shutdown()
+
+
+def _agreed(fn):
+    """Run ``fn`` on every rank; if it raised a ConfigError on any rank, raise it on all of them
+    (a rule reward failing on one data-parallel rank must not leave the others waiting)."""
+    result, error = None, None
+    try:
+        result = fn()
+    except ConfigError as err:
+        error = str(err)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise ConfigError(first)
+    return result
 
 
 def _peak_memory_gib(device) -> float:
