@@ -133,7 +133,8 @@ def test_round_trip_through_transformers(arch, cls, kw):
     ({**hf_dict(transformers.LlamaConfig, "LlamaForSequenceClassification", **LLAMA_KW),
       "num_labels": 2}, "num_labels=2: a reward model needs exactly 1"),
     ({**hf_dict(transformers.LlamaConfig, "LlamaForCausalLM", **LLAMA_KW),
-      "rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}}, "RoPE scaling 'llama3'"),
+      "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 4.0}},
+     "RoPE scaling 'yarn' is not supported: use one of linear, llama3"),
     ({**hf_dict(transformers.LlamaConfig, "LlamaForCausalLM", **LLAMA_KW),
       "attention_bias": True}, "attention_bias=true is not supported for Llama"),
 ])

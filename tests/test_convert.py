@@ -24,6 +24,9 @@ CASES = {
     "gpt2": ("GPT2LMHeadModel", {}),
     "llama_gqa": ("LlamaForCausalLM", {}),
     "llama_tied": ("LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama3_rope_scaling": ("LlamaForCausalLM", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),  # scales at 12 tokens
     "mistral": ("MistralForCausalLM", {}),
     "qwen2": ("Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "gpt2_reward": ("GPT2ForSequenceClassification", {}),

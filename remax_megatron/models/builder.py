@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..config_io import ConfigError
 from .config import ModelConfig
+from .rope import scaled_inv_freq
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,7 @@ def build_policy(model: ModelConfig, params_dtype: torch.dtype = torch.float32, 
         pg_collection=pg_collection,
         **_gpt_kwargs(model, tp, pre, post),
     )
-    gpt.model_config = model
-    mark_tensor_parallel(gpt)
+    _finish(gpt, model)
     return gpt
 
 
@@ -231,9 +231,17 @@ def build_reward_model(model: ModelConfig, params_dtype: torch.dtype = torch.flo
         pg_collection=pg_collection,
         **_gpt_kwargs(model, tp, pre, post),
     )
-    rm.model_config = model
-    mark_tensor_parallel(rm)
+    _finish(rm, model)
     return rm
+
+
+def _finish(gpt, model: ModelConfig) -> None:
+    gpt.model_config = model
+    mark_tensor_parallel(gpt)
+    if model.rope_scaling is not None:
+        # before any forward: megatron caches the rotary table per sequence length
+        rotary = gpt.rotary_pos_emb
+        rotary.inv_freq = scaled_inv_freq(rotary.inv_freq, model.rope_scaling)
 
 
 def build_model(model: ModelConfig, reward: bool = False, **kwargs):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config_io import ConfigError
+from .rope import check_rope_scaling
 
 FAMILIES = ("gpt2", "llama")
 NORMS = ("layernorm", "rmsnorm")
@@ -34,6 +35,7 @@ class ModelConfig:
     activation: str = "gelu_tanh"
     position_embedding: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # None: plain RoPE; else models/rope.py (llama3, linear)
     add_bias_linear: bool = True
     add_qkv_bias: bool = True
     tie_word_embeddings: bool = True
@@ -100,6 +102,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        check_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None and self.position_embedding != "rope":
+            raise ConfigError("model.rope_scaling needs position_embedding=rope: remove it")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "

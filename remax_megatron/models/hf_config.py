@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..config_io import ConfigError
 from .config import ModelConfig
+from .rope import hf_rope_parameters, hf_rope_scaling
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +47,6 @@ def _architecture(hf: dict) -> str:
         "config.json has no 'architectures' entry: add the model class, one of "
         + ", ".join(SUPPORTED)
     )
-
-
-def _rope_theta(hf: dict) -> float:
-    # transformers >= 5 keeps it in rope_parameters; older configs at the top level.
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type not in (None, "default"):
-        raise ConfigError(
-            f"RoPE scaling {rope_type!r} is not supported yet: only plain RoPE (rope_type default)"
-        )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def _gpt2(hf: dict) -> ModelConfig:
@@ -97,12 +86,13 @@ def _llama_like(hf: dict, model_type: str) -> ModelConfig:
         # Llama's attention_bias also biases o_proj, which megatron ties to MLP biases.
         raise ConfigError("attention_bias=true is not supported for Llama: set it false")
     qkv_bias = model_type == "qwen2"
+    theta, scaling = hf_rope_scaling(hf)
     return ModelConfig.llama(
         num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
         num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim, ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
         max_position_embeddings=hf["max_position_embeddings"],
-        norm_epsilon=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf),
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         add_qkv_bias=qkv_bias, add_bias_linear=False,
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         init_method_std=hf.get("initializer_range", 0.02),
@@ -149,7 +139,7 @@ def to_hf_config(info: HFModelInfo) -> dict:
            "intermediate_size": c.ffn_hidden_size, "hidden_act": "silu",
            "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_epsilon,
            "rope_theta": c.rope_theta,
-           "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}}
+           "rope_parameters": hf_rope_parameters(c.rope_theta, c.rope_scaling)}
     if info.model_type == "llama":
         out["attention_bias"] = False
     return out
