@@ -74,6 +74,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch per dp rank")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--pipeline-micro-batches", type=int, default=0,
+                   help="with --pp > 1: prompt groups that follow each other through the stages "
+                        "(0: auto, the prefill in 2 x pp groups)")
     p.set_defaults(run=_run_generate)
 
 
@@ -84,7 +87,8 @@ def _run_generate(args) -> int:
     return run_generate(GenerateArgs(
         load=args.load, input=args.input, output=args.output, sampling=sampling,
         max_new_tokens=args.max_new_tokens, tp=args.tp, pp=args.pp, seed=args.seed,
-        batch_size=args.batch_size, tokenizer=args.tokenizer))
+        batch_size=args.batch_size, tokenizer=args.tokenizer,
+        pipeline_micro_batches=args.pipeline_micro_batches))
 
 
 def _add_train(sub) -> None:

@@ -94,11 +94,13 @@ def _check(report, expect_layout_check):
                       "top_k1_is_greedy", "sampled_reproducible", "no_padded_vocab",
                       "pair_greedy_equals_separate", "pair_sampled_equals_separate",
                       "pair_rows_differ", "cached_vs_uncached_greedy_argmax",
-                      "cached_vs_uncached_pair_argmax"):
+                      "cached_vs_uncached_pair_argmax", "pipeline_groups_same_tokens"):
             assert report[f"{name}/{check}"] is True, f"{name}: {check} failed"
         for label in ("greedy", "pair"):
             err = report[f"{name}/cached_vs_uncached_{label}_max_logprob_err"]
             assert err < LOGPROB_TOL, f"{name}: cached log-probs differ by {err}"
+        err = report[f"{name}/pipeline_groups_logprob_err"]
+        assert err < LOGPROB_TOL, f"{name}: pipelined prompt groups change log-probs by {err}"
         if expect_layout_check:
             assert report[f"{name}/sampled_same_as_tp1"] is True, name
 

@@ -112,6 +112,7 @@ def test_cli_bad_config_is_one_line(tmp_path):
 @pytest.mark.parametrize("override,needle", [
     ("rollout.temperature=0.0", "rollout: temperature=0.0 must be > 0"),
     ("reward.micro_batch_size=0", "reward.micro_batch_size=0 must be at least 1"),
+    ("rollout.pipeline_micro_batches=-1", "rollout.pipeline_micro_batches=-1 must be >= 0"),
     ("policy.tokenizer=/nowhere", "policy.tokenizer=/nowhere is not a directory"),
 ])
 def test_more_bad_values(nothing_built, override, needle):

@@ -54,7 +54,8 @@ def _check_lengths(prompt_mask: torch.Tensor, max_new_tokens: int, max_positions
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
              continuations: Sequence[SamplingParams] = (GREEDY,), max_new_tokens: int = 64,
              eos_token_ids: Sequence[int] = (), vocab_size: int | None = None, seed: int = 0,
-             sample_ids: torch.Tensor | None = None, pad_token_id: int = 0) -> GenerationOutput:
+             sample_ids: torch.Tensor | None = None, pad_token_id: int = 0,
+             pipeline_micro_batches: int = 0) -> GenerationOutput:
     """Generate ``len(continuations)`` continuations of every prompt, the prompt prefilled once.
 
     Args:
@@ -67,6 +68,13 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         seed, sample_ids: a sampled row draws from a generator seeded by (seed, sample_ids[b],
             its index among the sampled continuations): reproducible and independent of
             batching and layout.
+        pipeline_micro_batches: under pipeline parallelism, split the prompts into this many
+            groups that follow each other through the stages (stage 1 works on the first group
+            while stage 0 starts the second), for the prefill and every decode step. That pays
+            where a stage's forward is compute-bound (prefill, large batches); a small-batch
+            decode step is bound by reading the weights, which each group repeats. 0 (auto):
+            the prefill in 2 x pp groups, decoding the whole batch at once. The tokens do not
+            depend on it.
     """
     gpt = unwrap(model)
     cfg = gpt.config
@@ -74,18 +82,21 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
     _check_lengths(prompt_mask, max_new_tokens, gpt.max_sequence_length)
+    if pipeline_micro_batches < 0:
+        raise ConfigError(f"pipeline_micro_batches={pipeline_micro_batches} must be >= 0 "
+                          "(0: automatic)")
     was_training = model.training
     model.eval()
     try:
         return _generate(model, prompt_ids, prompt_mask, list(continuations), max_new_tokens,
                          set(int(e) for e in eos_token_ids), vocab_size, seed, sample_ids,
-                         pad_token_id, cfg)
+                         pad_token_id, cfg, pipeline_micro_batches)
     finally:
         model.train(was_training)
 
 
 def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos, vocab_size, seed,
-              sample_ids, pad_token_id, cfg) -> GenerationOutput:
+              sample_ids, pad_token_id, cfg, micro_batches) -> GenerationOutput:
     fwd = StageForward(model)
     pipe = fwd.pipe
     device = fwd.device
@@ -96,15 +107,18 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
     cache = SharedPrefixKVCache(
         len(fwd.layers), prompt_mask, k, max_new_tokens,
         groups=cfg.num_query_groups // tp_size, head_dim=cfg.kv_channels, dtype=fwd.dtype)
+    prefill_groups, decode_groups = _pipeline_groups(batch, pipe.size, micro_batches)
 
     prompt_len = prompt_mask.sum(-1)
     last_real = torch.where(prompt_mask.bool(), torch.arange(prompt_mask.size(1), device=device),
                             torch.zeros_like(prompt_mask)).max(-1).values
     positions = position_ids(prompt_mask)
-    hidden = fwd.hidden(prompt_ids, positions, cache.prefill, pick=last_real)
-    logits = None
-    if hidden is not None:  # last stage: one prefill serves all k continuations of a prompt
-        logits = mask_vocab_padding(fwd.logits(hidden), vocab_size).repeat_interleave(k, dim=0)
+    # one prefill per prompt serves all k continuations of it
+    logits = _last_stage_logits(fwd, vocab_size, [
+        fwd.hidden(prompt_ids[g], positions[g], _prefill_attend(cache, g), pick=last_real[g])
+        for g in prefill_groups])
+    if logits is not None:
+        logits = logits.repeat_interleave(k, dim=0)
 
     ids = torch.arange(batch) if sample_ids is None else sample_ids.cpu()
     streams = _sampling_streams(continuations)
@@ -118,6 +132,9 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     row_prompt_len = prompt_len.repeat_interleave(k)
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+
+    def rows_of(prompts: slice) -> slice:  # rows are prompt-major
+        return slice(prompts.start * k, prompts.stop * k)
 
     step = 0
     while True:
@@ -140,9 +157,10 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
         if bool(finished.all()) or step == max_new_tokens:
             break
         step_positions = (row_prompt_len + step - 1).unsqueeze(1)
-        attend = _decode_attend(cache, step - 1)
-        hidden = fwd.hidden(chosen.unsqueeze(1), step_positions, attend, pick=None)
-        logits = None if hidden is None else mask_vocab_padding(fwd.logits(hidden), vocab_size)
+        logits = _last_stage_logits(fwd, vocab_size, [
+            fwd.hidden(chosen[rows_of(g)].unsqueeze(1), step_positions[rows_of(g)],
+                       _decode_attend(cache, step - 1, g))
+            for g in decode_groups])
 
     log_probs = pipe.from_last(log_probs)
     tokens, log_probs = tokens[:, :step], log_probs[:, :step]
@@ -152,6 +170,29 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
         tokens=tokens, response_mask=response_mask, lengths=lengths, finish_reason=reasons,
         log_probs=log_probs * response_mask, prompt_index=torch.arange(batch).repeat_interleave(k),
         continuation=torch.arange(k).repeat(batch))
+
+
+def _pipeline_groups(batch: int, pp: int, requested: int) -> tuple[list, list]:
+    """Prompt groups of the prefill and of each decode step (see ``pipeline_micro_batches``)."""
+    if pp == 1:
+        return [slice(0, batch)], [slice(0, batch)]
+    if requested == 0:
+        return _prompt_groups(batch, 2 * pp), [slice(0, batch)]
+    return _prompt_groups(batch, requested), _prompt_groups(batch, requested)
+
+
+def _prompt_groups(batch: int, count: int) -> list[slice]:
+    """``count`` contiguous, nearly equal groups of prompts (fewer when there are fewer prompts)."""
+    count = max(1, min(count, batch))
+    bounds = [round(i * batch / count) for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _last_stage_logits(fwd: StageForward, vocab_size: int, hidden: list) -> torch.Tensor | None:
+    """Full-vocabulary logits of every group, in row order (last stage; None elsewhere)."""
+    if hidden[0] is None:
+        return None
+    return torch.cat([mask_vocab_padding(fwd.logits(h), vocab_size) for h in hidden])
 
 
 def _sampling_streams(continuations: list) -> list:
@@ -164,9 +205,15 @@ def _sampling_streams(continuations: list) -> list:
     return streams
 
 
-def _decode_attend(cache: SharedPrefixKVCache, step: int):
+def _prefill_attend(cache: SharedPrefixKVCache, prompts: slice):
     def attend(layer, q, k, v):
-        return cache.decode(layer, step, q, k, v)
+        return cache.prefill(layer, q, k, v, prompts)
+    return attend
+
+
+def _decode_attend(cache: SharedPrefixKVCache, step: int, prompts: slice):
+    def attend(layer, q, k, v):
+        return cache.decode(layer, step, q, k, v, prompts)
     return attend
 
 

@@ -34,6 +34,7 @@ class GenerateArgs:
     seed: int = 0
     batch_size: int = 16
     tokenizer: str | None = None
+    pipeline_micro_batches: int = 0
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +54,8 @@ def run_generate(args: GenerateArgs) -> int:
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
+    if args.pipeline_micro_batches < 0:
+        raise ConfigError("--pipeline-micro-batches must be >= 0 (0: automatic)")
     checkpoint = read_checkpoint(args.load)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
     prompts = load_prompts(args.input, tokenizer)  # every rank: cheap, and errors come early
@@ -78,7 +81,8 @@ def run_generate(args: GenerateArgs) -> int:
             out = generate(model, ids, mask, continuations=[args.sampling],
                            max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
                            vocab_size=checkpoint.config.vocab_size, seed=args.seed,
-                           sample_ids=torch.tensor([p.index for p in batch]), pad_token_id=pad)
+                           sample_ids=torch.tensor([p.index for p in batch]), pad_token_id=pad,
+                           pipeline_micro_batches=args.pipeline_micro_batches)
             for row, prompt in enumerate(batch):
                 response_ids = out.tokens[row, :int(out.lengths[row])].tolist()
                 results.append({

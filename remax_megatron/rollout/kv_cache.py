@@ -3,7 +3,8 @@
 Keys/values of the B prompts are stored once ([B, groups, P, d] per layer); each of the B*k
 continuation rows (k per prompt, e.g. ReMax's greedy and sampled answer) keeps only its own
 generated keys/values ([B, k, groups, T, d]). A decode step attends over both parts; no prompt
-key/value is copied or recomputed for the second continuation.
+key/value is copied or recomputed for the second continuation. Prefill and decode may run on a
+contiguous group of prompts at a time (``prompts``, a slice; pipelined rollout).
 """
 
 from __future__ import annotations
@@ -30,32 +31,35 @@ class SharedPrefixKVCache:
         self.gen_k = [torch.empty(shape_g, dtype=dtype, device=device) for _ in range(num_layers)]
         self.gen_v = [torch.empty(shape_g, dtype=dtype, device=device) for _ in range(num_layers)]
 
-    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                prompts: slice = slice(None)) -> torch.Tensor:
         """Attention over the prompts (causal, padded keys masked); stores their keys/values.
 
         q [P, B, heads, d], k/v [P, B, groups, d] -> context [P, B, heads * d].
         """
-        self.prompt_k[layer].copy_(k.permute(1, 2, 0, 3))
-        self.prompt_v[layer].copy_(v.permute(1, 2, 0, 3))
-        return padded_causal_attention(q, k, v, self.prompt_real)
+        self.prompt_k[layer][prompts] = k.permute(1, 2, 0, 3)
+        self.prompt_v[layer][prompts] = v.permute(1, 2, 0, 3)
+        return padded_causal_attention(q, k, v, self.prompt_real[prompts])
 
     def decode(self, layer: int, step: int, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> torch.Tensor:
+               v: torch.Tensor, prompts: slice = slice(None)) -> torch.Tensor:
         """One new token per row: q [1, R, heads, d], k/v [1, R, groups, d] -> [1, R, heads * d]."""
         _, rows, heads, d = q.shape
         groups = k.size(2)
         batch = rows // self.k
-        gen_k, gen_v = self.gen_k[layer], self.gen_v[layer]
+        gen_k, gen_v = self.gen_k[layer][prompts], self.gen_v[layer][prompts]  # views
+        prompt_k, prompt_v = self.prompt_k[layer][prompts], self.prompt_v[layer][prompts]
+        prompt_real = self.prompt_real[prompts]
         gen_k[:, :, :, step] = k[0].view(batch, self.k, groups, d)
         gen_v[:, :, :, step] = v[0].view(batch, self.k, groups, d)
         q = q[0].view(batch, self.k, groups, heads // groups, d)
-        scores_p = torch.einsum("bkgrd,bgpd->bkgrp", q, self.prompt_k[layer]).float()
-        scores_p = scores_p.masked_fill(~self.prompt_real[:, None, None, None, :], float("-inf"))
+        scores_p = torch.einsum("bkgrd,bgpd->bkgrp", q, prompt_k).float()
+        scores_p = scores_p.masked_fill(~prompt_real[:, None, None, None, :], float("-inf"))
         scores_g = torch.einsum("bkgrd,bkgtd->bkgrt", q, gen_k[:, :, :, :step + 1]).float()
         probs = torch.softmax(torch.cat([scores_p, scores_g], dim=-1) * self.scale, dim=-1)
         probs = probs.to(q.dtype)
         prompt_len = scores_p.size(-1)
-        out = torch.einsum("bkgrp,bgpd->bkgrd", probs[..., :prompt_len], self.prompt_v[layer])
+        out = torch.einsum("bkgrp,bgpd->bkgrd", probs[..., :prompt_len], prompt_v)
         out = out + torch.einsum("bkgrt,bkgtd->bkgrd", probs[..., prompt_len:],
                                  gen_v[:, :, :, :step + 1])
         return out.reshape(1, rows, heads * d)

@@ -52,6 +52,10 @@ class RolloutConfig:
     temperature: float = 1.0  # the official code samples at 1.0 with top_p 0.9
     top_p: float = 0.9
     top_k: int = 0
+    # pp > 1: prompt groups that follow each other through the pipeline stages during rollout;
+    # 0 (auto): the prefill in 2 x pp groups, decode steps on the whole batch; N: N groups for
+    # both (helps large, compute-bound batches); 1: the whole batch stage after stage
+    pipeline_micro_batches: int = 0
 
 
 @dataclass
@@ -150,6 +154,9 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
                         ("train.micro_batch_size", t.micro_batch_size)):
         if value < 1:
             raise ConfigError(f"{name}={value} must be at least 1")
+    if cfg.rollout.pipeline_micro_batches < 0:
+        raise ConfigError(f"rollout.pipeline_micro_batches={cfg.rollout.pipeline_micro_batches} "
+                          "must be >= 0 (0: automatic)")
     if t.steps is not None and t.steps < 1:
         raise ConfigError(f"train.steps={t.steps} must be at least 1")
     if p.tokenizer is not None and not Path(p.tokenizer).is_dir():

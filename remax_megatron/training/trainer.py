@@ -234,7 +234,8 @@ class Trainer:
                         vocab_size=self.policy.config.vocab_size,
                         seed=mix_seed(self.cfg.train.seed, self.step),
                         sample_ids=torch.tensor([uid for uid, _ in mine]),
-                        pad_token_id=self.pad)
+                        pad_token_id=self.pad,
+                        pipeline_micro_batches=self.cfg.rollout.pipeline_micro_batches)
 
     def _items(self, mine, out) -> list[Scored]:
         items = []

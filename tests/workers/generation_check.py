@@ -5,7 +5,8 @@
 - cached decoding vs uncached recomputation: every generated row re-scored by a plain megatron
   forward (get_forward_backward_func, no cache) gives the same log-probs, and greedy rows its argmax;
 - top-k 1 equals greedy; sampled tokens (seeded) equal the tp1 run's and a second run's;
-- the shared-prefill (greedy, sampled) pair equals two separate generations; no padded vocab ids.
+- the shared-prefill (greedy, sampled) pair equals two separate generations; no padded vocab ids;
+- prompt groups pipelined through the stages (pipeline_micro_batches) give the pair's tokens.
 
   python generation_check.py --ref REF.pt --report OUT.json [--save-sampled S.pt]
   torchrun --nproc-per-node 2 generation_check.py --ref REF.pt --tp 2 --report OUT.json --sampled S.pt
@@ -110,6 +111,17 @@ def check_case(name, case, args, report, sampled_store):
     report[f"{name}/pair_greedy_equals_separate"] = pair_rows[0::2] == masked(greedy)
     report[f"{name}/pair_sampled_equals_separate"] = pair_rows[1::2] == masked(sampled)
     report[f"{name}/pair_rows_differ"] = pair_rows[0::2] != pair_rows[1::2]
+
+    # prompt groups that follow each other through the pipeline (a no-op without pp): the
+    # default pair above ran the prefill in groups; whole-batch and 3 uneven groups must agree
+    whole = generate(model, ids, mask, continuations=[GREEDY, SAMPLED],
+                     pipeline_micro_batches=1, **common)
+    grouped = generate(model, ids, mask, continuations=[GREEDY, SAMPLED],
+                       pipeline_micro_batches=3, **common)
+    report[f"{name}/pipeline_groups_same_tokens"] = (masked(grouped) == pair_rows
+                                                     and masked(whole) == pair_rows)
+    report[f"{name}/pipeline_groups_logprob_err"] = max(
+        (other.log_probs - pair.log_probs).abs().max().item() for other in (grouped, whole))
 
     for label, out in (("greedy", greedy), ("pair", pair)):
         scored = rescore(model, ids, mask, out, vocab)
