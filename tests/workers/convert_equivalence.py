@@ -8,8 +8,6 @@ transformers' outputs, computed beforehand and stored in the reference file.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch.distributed as dist
 from remax_megatron.models.checkpoint import WEIGHTS_DIR, load_model, save_weights
 from remax_megatron.ops import padding
 from remax_megatron.runtime.distributed import init_runtime, shutdown
+from worker_io import layout_parser, write_report
 
 
 def _gather_tp(tensor):
@@ -53,11 +52,7 @@ def forward_last_stage(model, ids, mask):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--ref", required=True)
-    parser.add_argument("--report", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
+    parser = layout_parser()
     parser.add_argument("--resave")
     args = parser.parse_args()
     init_runtime(tp=args.tp, pp=args.pp, timeout_minutes=5)
@@ -89,8 +84,7 @@ def main() -> int:
                         copy = shutil.copytree if item.is_dir() else shutil.copy2
                         copy(item, target / item.name)
             dist.barrier()
-    if dist.get_rank() == 0:
-        Path(args.report).write_text(json.dumps(report, indent=1))
+    write_report(args.report, report)
     shutdown()
     return 0
 

@@ -14,10 +14,7 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +25,7 @@ from remax_megatron.rollout.engine import generate
 from remax_megatron.rollout.sampling import GREEDY, SamplingParams
 from remax_megatron.runtime.distributed import init_runtime, shutdown
 from remax_megatron.training.engine import forward_backward
+from worker_io import layout_parser, write_report
 
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
 
@@ -133,11 +131,7 @@ def check_case(name, case, args, report, sampled_store):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--ref", required=True)
-    parser.add_argument("--report", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
+    parser = layout_parser()
     parser.add_argument("--sampled", help="sampled tokens of the tp1 run to compare against")
     parser.add_argument("--save-sampled")
     args = parser.parse_args()
@@ -146,10 +140,9 @@ def main() -> int:
     report, sampled_store = {}, {}
     for name, case in ref.items():
         check_case(name, case, args, report, sampled_store)
-    if dist.get_rank() == 0:
-        Path(args.report).write_text(json.dumps(report, indent=1))
-        if args.save_sampled:
-            torch.save(sampled_store, args.save_sampled)
+    write_report(args.report, report)
+    if dist.get_rank() == 0 and args.save_sampled:
+        torch.save(sampled_store, args.save_sampled)
     shutdown()
     return 0
 

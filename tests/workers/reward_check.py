@@ -8,10 +8,7 @@ transformers' scores (stored in the reference file).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,14 +18,11 @@ from remax_megatron.data.loader import share_of
 from remax_megatron.reward import Scored
 from remax_megatron.reward.model import RewardModelReward
 from remax_megatron.runtime.distributed import init_runtime, shutdown
+from worker_io import layout_parser, write_report
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--ref", required=True)
-    parser.add_argument("--report", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
+    parser = layout_parser()
     parser.add_argument("--rm-tp", type=int, default=1)
     parser.add_argument("--rm-pp", type=int, default=1)
     args = parser.parse_args()
@@ -54,8 +48,7 @@ def main() -> int:
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
         report[f"{name}/max_err"] = err.item()
         report[f"{name}/retokenized"] = reward.retokenize
-    if dist.get_rank() == 0:
-        Path(args.report).write_text(json.dumps(report, indent=1))
+    write_report(args.report, report)
     shutdown()
     return 0
 

@@ -6,7 +6,6 @@ rollouts, gathered to full tensors for comparison with a single-process plain-to
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from remax_megatron.training import demo
 from remax_megatron.training.config import load_config
 from remax_megatron.training.engine import forward_backward
 from remax_megatron.training.trainer import TRAIN_STATS, Trainer
+from worker_io import layout_parser
 
 
 def fake_rollout(mine, ref) -> GenerationOutput:
@@ -45,11 +45,7 @@ def fake_rollout(mine, ref) -> GenerationOutput:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--ref", required=True)
-    parser.add_argument("--report", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
+    parser = layout_parser()
     args = parser.parse_args()
     ref = torch.load(args.ref, weights_only=False)
     alg = ref["algorithm"]
