@@ -45,10 +45,16 @@ def run_python(args: list[str], timeout: float = 300, check: bool = True) -> sub
 
 def run_torchrun(nproc: int, args: list[str], timeout: float = 420,
                  check: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc ARGS`` on localhost with gloo."""
+    """``torchrun --nproc-per-node nproc ARGS`` on localhost: NCCL with a GPU per rank, else
+    gloo on the CPU (GPUs hidden: NCCL cannot put two ranks on one GPU)."""
+    import torch
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args]
-    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True,
+    env = worker_env()
+    if torch.cuda.device_count() < nproc:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n"
