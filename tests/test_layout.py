@@ -56,3 +56,15 @@ def test_unknown_family():
                                           r"gpt2, llama"):
         ModelConfig(family="bert", num_layers=2, hidden_size=8, num_attention_heads=2,
                     ffn_hidden_size=8, vocab_size=10, max_position_embeddings=8)
+
+
+def test_backend_choice():
+    from remax_megatron.runtime.distributed import choose_backend
+
+    assert choose_backend("auto", cuda_available=True) == "nccl"
+    assert choose_backend("auto", cuda_available=False) == "gloo"
+    for requested, cuda, needle in (("nccl", False, "needs CUDA GPUs"),
+                                    ("gloo", True, "CUDA_VISIBLE_DEVICES="),
+                                    ("mpi", False, "backend 'mpi' is unknown")):
+        with pytest.raises(LayoutError, match=needle):
+            choose_backend(requested, cuda_available=cuda)

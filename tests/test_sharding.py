@@ -2,7 +2,7 @@
 
 import torch
 
-from remax_megatron.models.sharding import global_name, pad_vocab, shard, unshard
+from remax_megatron.models.sharding import global_name, initial_kind, pad_vocab, shard, unshard
 
 
 def test_plain_chunking_by_rank():
@@ -33,3 +33,17 @@ def test_global_layer_names_and_vocab_padding():
     w = torch.ones(3, 2)
     assert pad_vocab(w, 5)[3:].abs().sum() == 0 and pad_vocab(w, 5).shape == (5, 2)
     assert pad_vocab(torch.arange(6).reshape(6, 1), 4).shape == (4, 1)
+
+
+def test_initial_kind_of_local_and_transformer_engine_names():
+    cases = {
+        "decoder.layers.0.self_attention.linear_qkv.bias": "zeros",
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_bias": "zeros",  # TE fused norm
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": "ones",
+        "decoder.layers.0.input_layernorm.weight": "ones",
+        "decoder.layers.0.input_layernorm.bias": "zeros",
+        "decoder.final_layernorm.weight": "ones",
+        "decoder.layers.0.mlp.linear_fc1.weight": "normal",
+        "embedding.word_embeddings.weight": "normal",
+    }
+    assert {name: initial_kind(name) for name in cases} == cases

@@ -175,7 +175,9 @@ def load_weights(model, directory: Path) -> None:
     from .builder import unwrap
 
     gpt = unwrap(model)
-    state = sharded_state_dict(gpt)
+    # Transformer Engine modules add `_extra_state` (fp8 metadata, no weights): a checkpoint
+    # written without TE has none, and the weights load either way.
+    state = {k: v for k, v in sharded_state_dict(gpt).items() if not k.endswith("._extra_state")}
     # Factories (SwiGLU fc1) would load into fresh halves and concatenate them into a third
     # copy; building them here makes their halves views of the parameter, loaded in place.
     in_place = [name for name, entry in state.items() if isinstance(entry, ShardedTensorFactory)]

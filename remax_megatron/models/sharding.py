@@ -160,6 +160,15 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     }
 
 
+def initial_kind(name: str) -> str:
+    """How a fresh model starts a parameter: biases at zero (Transformer Engine's fused norms
+    included: ``linear_qkv.layer_norm_bias``), norm scales at one, the rest random."""
+    last = name.rsplit(".", 1)[-1]
+    if last.endswith("bias"):
+        return "zeros"
+    return "ones" if "norm" in name else "normal"
+
+
 def seeded_full_weights(model, seed: int) -> dict[str, torch.Tensor]:
     """Fresh weights for this rank's parameters in the layout-independent full form, each drawn
     from a generator seeded by (seed, global name): the same model at every tp/pp layout.
@@ -185,9 +194,10 @@ def seeded_full_weights(model, seed: int) -> dict[str, torch.Tensor]:
             shape[rule[0]] *= tp_size
         if name in VOCAB_PARAMS or local in VOCAB_PARAMS:
             shape[0] = vocab
-        if name.endswith(".bias"):
+        kind = initial_kind(name)
+        if kind == "zeros":
             out[name] = torch.zeros(shape)
-        elif "norm" in name:
+        elif kind == "ones":
             out[name] = torch.ones(shape)
         else:
             std = cfg.init_method_std

@@ -26,14 +26,15 @@ def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tens
 
 
 def _masked_local_logits(logits: torch.Tensor, true_vocab_size: int, group) -> tuple:
-    """fp32 copy of this rank's logits with padded vocab ids at -inf, and the slice's start id."""
+    """fp32 copy of this rank's logits with padded vocab ids at the lowest finite value (their
+    probability is exactly 0, and 0 x logit stays 0 in the entropy), and the slice's start id."""
     local_vocab = logits.size(-1)
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     start = rank * local_vocab
     logits = logits.to(torch.float32, copy=True)  # the statistics below work in place
     if start + local_vocab > true_vocab_size:
         ids = torch.arange(start, start + local_vocab, device=logits.device)
-        logits.masked_fill_(ids >= true_vocab_size, float("-inf"))
+        logits.masked_fill_(ids >= true_vocab_size, torch.finfo(torch.float32).min)
     return logits, start
 
 
@@ -55,7 +56,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         target_logit = torch.where(in_slice, target_logit, torch.zeros_like(target_logit))
         _all_reduce(target_logit, group)
 
-        probs = logits.exp()  # padded ids: exp(-inf) = 0
+        probs = logits.exp()  # padded ids: exp(lowest - max) = 0
         sum_exp = probs.sum(dim=-1)
         _all_reduce(sum_exp, group)
         log_z = sum_exp.log()
@@ -63,9 +64,8 @@ class _VocabParallelLogProbs(torch.autograd.Function):
 
         entropy = None
         if want_entropy:
-            # H = log Z - sum_v p_v * shifted_v ; padded ids contribute 0 (not 0 * -inf).
-            p_times_logit = torch.where(probs > 0, probs * logits, torch.zeros_like(probs))
-            weighted = p_times_logit.sum(dim=-1)
+            # H = log Z - sum_v p_v * shifted_v (a batched dot product: no vocab-sized temporary)
+            weighted = torch.einsum("...v,...v->...", probs, logits)
             _all_reduce(weighted, group)
             entropy = log_z - weighted / sum_exp
 

@@ -52,11 +52,12 @@ class SharedPrefixKVCache:
         prompt_real = self.prompt_real[prompts]
         gen_k[:, :, :, step] = k[0].view(batch, self.k, groups, d)
         gen_v[:, :, :, step] = v[0].view(batch, self.k, groups, d)
-        q = q[0].view(batch, self.k, groups, heads // groups, d)
+        # scaled before the product (as megatron's attention does): no fp16 overflow
+        q = q[0].view(batch, self.k, groups, heads // groups, d) * self.scale
         scores_p = torch.einsum("bkgrd,bgpd->bkgrp", q, prompt_k).float()
         scores_p = scores_p.masked_fill(~prompt_real[:, None, None, None, :], float("-inf"))
         scores_g = torch.einsum("bkgrd,bkgtd->bkgrt", q, gen_k[:, :, :, :step + 1]).float()
-        probs = torch.softmax(torch.cat([scores_p, scores_g], dim=-1) * self.scale, dim=-1)
+        probs = torch.softmax(torch.cat([scores_p, scores_g], dim=-1), dim=-1)
         probs = probs.to(q.dtype)
         prompt_len = scores_p.size(-1)
         out = torch.einsum("bkgrp,bgpd->bkgrd", probs[..., :prompt_len], prompt_v)

@@ -74,6 +74,10 @@ def choose_backend(requested: str = "auto", cuda_available: bool | None = None) 
         return "nccl" if cuda else "gloo"
     if requested == "nccl" and not cuda:
         raise LayoutError("backend nccl needs CUDA GPUs and none is visible: use backend=gloo")
+    if requested == "gloo" and cuda:
+        # megatron-core puts buffers on the GPU whenever CUDA is visible, whatever the backend
+        raise LayoutError("backend gloo with CUDA GPUs visible: use nccl, or hide the GPUs "
+                          "(CUDA_VISIBLE_DEVICES=) to run on the CPU")
     return requested
 
 

@@ -165,8 +165,7 @@ class Trainer:
     def _precision(self, model):
         """fp32 on CPU; on GPU bf16/fp16 through megatron's Float16Module (fp32 main params
         live in the optimizer)."""
-        if self.dtype == torch.float32:
-            model = model.float()
+        model = model.to(self.dtype)  # before the move: never the fp32 model on the GPU
         config = model.config
         config.params_dtype = self.dtype
         config.pipeline_dtype = self.dtype  # megatron sizes pipeline receive buffers by it
@@ -239,9 +238,10 @@ class Trainer:
 
     def _items(self, mine, out) -> list[Scored]:
         items = []
-        for row in range(out.tokens.size(0)):
+        tokens, lengths = out.tokens.tolist(), out.lengths.tolist()  # one copy from the GPU
+        for row in range(len(tokens)):
             uid, prompt = mine[row // 2]
-            response = out.tokens[row, :int(out.lengths[row])].tolist()
+            response = tokens[row][:lengths[row]]
             items.append(Scored(
                 uid=2 * uid + row % 2, prompt_text=prompt.text,
                 response_text=self.tokenizer.decode(response, skip_special_tokens=True),
@@ -253,8 +253,8 @@ class Trainer:
         """Right-padded [prompt; sampled response] rows split into micro-batches, with the
         response positions (in next-token-prediction frame), the rollout log-probs and A."""
         sampled = range(1, out.tokens.size(0), 2)
-        seqs = [list(mine[r // 2][1].ids) + out.tokens[r, :int(out.lengths[r])].tolist()
-                for r in sampled]
+        tokens, lengths, log_probs = out.tokens.tolist(), out.lengths.tolist(), out.log_probs.cpu()
+        seqs = [list(mine[r // 2][1].ids) + tokens[r][:lengths[r]] for r in sampled]
         width = max(len(s) for s in seqs)
         n = len(seqs)
         ids = torch.full((n, width), self.pad, dtype=torch.long)
@@ -262,9 +262,9 @@ class Trainer:
         rollout_lp = torch.zeros(n, width - 1)
         for i, (r, seq) in enumerate(zip(sampled, seqs)):
             ids[i, :len(seq)] = torch.tensor(seq)
-            start, length = len(mine[r // 2][1].ids) - 1, int(out.lengths[r])
+            start, length = len(mine[r // 2][1].ids) - 1, lengths[r]
             mask[i, start:start + length] = 1
-            rollout_lp[i, start:start + length] = out.log_probs[r, :length].cpu()
+            rollout_lp[i, start:start + length] = log_probs[r, :length]
         m = self.cfg.train.micro_batch_size
         batches = []
         for s in range(0, n, m):
