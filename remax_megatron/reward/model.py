@@ -30,11 +30,14 @@ def same_tokenizer(a, b) -> bool:
 
 class RewardModelReward(Reward):
     def __init__(self, load: str, tp: int, pp: int, micro_batch_size: int, policy_tokenizer,
-                 tokenizer_dir: str | None, contributes: bool, device):
+                 tokenizer_dir: str | None, contributes: bool, device,
+                 dtype: torch.dtype | None = None):
         checkpoint = read_checkpoint(load)
         self.groups = build_process_groups(tp, pp, checkpoint.config)
         self.model, self.checkpoint = load_model(load, pg_collection=self.groups,
                                                  expect_kind="reward")
+        if dtype is not None:  # the policy's precision (bf16 on GPU), cast before the move
+            self.model = self.model.to(dtype)
         self.model = self.model.to(device).eval()
         self.tokenizer = load_tokenizer(checkpoint, tokenizer_dir)
         self.retokenize = not same_tokenizer(self.tokenizer, policy_tokenizer)

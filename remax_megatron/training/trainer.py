@@ -198,7 +198,7 @@ class Trainer:
         r = self.cfg.reward
         speaker = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
         return RewardModelReward(r.load, r.tp, r.pp, r.micro_batch_size, self.tokenizer,
-                                 r.tokenizer, speaker, self.device)
+                                 r.tokenizer, speaker, self.device, self.dtype)
 
     def _scheduler(self):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
