@@ -10,6 +10,7 @@ import torch
 from remax_megatron.config_io import ConfigError
 from remax_megatron.rollout.sampling import (
     GREEDY, SamplingParams, allowed_set, choose, filtered_probs, mask_vocab_padding, row_generator,
+    row_uniforms,
 )
 
 # probabilities 0.4, 0.3, 0.15, 0.1, 0.05 (in a shuffled id order)
@@ -94,3 +95,18 @@ def test_inverse_cdf_by_hand():
     params = SamplingParams()
     assert choose(logits, params, torch.tensor([0.2])).item() == 0
     assert choose(logits, params, torch.tensor([0.3])).item() == 1
+
+
+def test_bulk_row_uniforms_equal_one_draw_per_step():
+    """The engine draws each row's uniforms for all steps at once; the numbers must be those of
+    one draw per step, so sampled tokens do not depend on how the draws are batched."""
+    seed, ids, streams, steps = 7, [3, 3, 9, 9], [None, 0, None, 0], 300
+    table = row_uniforms(seed, ids, streams, steps)
+    for row, (sample_id, stream) in enumerate(zip(ids, streams)):
+        if stream is None:
+            assert not table[row].any()
+            continue
+        g = row_generator(seed, sample_id, stream)
+        one_by_one = torch.stack([torch.rand((), generator=g) for _ in range(steps)])
+        assert torch.equal(table[row], one_by_one)
+    assert not torch.equal(table[1], table[3])  # different prompts, different draws

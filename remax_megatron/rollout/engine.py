@@ -24,7 +24,7 @@ from ..models.builder import unwrap
 from ..ops.padding import position_ids
 from .forward import StageForward
 from .kv_cache import SharedPrefixKVCache
-from .sampling import GREEDY, SamplingParams, choose, mask_vocab_padding, row_generator
+from .sampling import GREEDY, SamplingParams, choose, mask_vocab_padding, row_uniforms
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,8 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
 
     ids = torch.arange(batch) if sample_ids is None else sample_ids.cpu()
     streams = _sampling_streams(continuations)
-    generators = [None if streams[r % k] is None else row_generator(seed, int(ids[r // k]),
-                                                                     streams[r % k])
-                  for r in range(rows)]
+    uniforms = row_uniforms(seed, [int(ids[r // k]) for r in range(rows)],
+                            [streams[r % k] for r in range(rows)], max_new_tokens).to(device)
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     log_probs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -138,11 +137,9 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
 
     step = 0
     while True:
-        uniforms = torch.tensor([float(torch.rand((), generator=g)) if g is not None else 0.0
-                                 for g in generators], device=device)
         chosen = torch.zeros(rows, dtype=torch.long, device=device)
         if logits is not None:
-            chosen = _choose_rows(logits, continuations, uniforms)
+            chosen = _choose_rows(logits, continuations, uniforms[:, step])
             lp = logits.gather(-1, chosen[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
             log_probs[:, step] = torch.where(finished, torch.zeros_like(lp), lp)
         chosen = pipe.from_last(chosen)

@@ -50,6 +50,17 @@ def row_generator(seed: int, sample_id: int, stream: int = 0) -> torch.Generator
     return torch.Generator().manual_seed(mix_seed(seed, sample_id, stream))
 
 
+def row_uniforms(seed: int, sample_ids: list[int], streams: list, steps: int) -> torch.Tensor:
+    """[R, steps] uniforms, row r from row_generator(seed, sample_ids[r], streams[r]) (zeros
+    where the stream is None: greedy rows draw nothing). Drawn in bulk, one call per row: the
+    same numbers as one draw per step (the generator's stream does not depend on the call size)."""
+    out = torch.zeros(len(sample_ids), steps)
+    for row, (sample_id, stream) in enumerate(zip(sample_ids, streams)):
+        if stream is not None:
+            out[row] = torch.rand(steps, generator=row_generator(seed, sample_id, stream))
+    return out
+
+
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Ids at or beyond the true vocab size (megatron's padding) can never be chosen."""
     if logits.size(-1) > vocab_size:
