@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config_io import ConfigError
+from ..seeds import mix_seed
 from .prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class PromptLoader:
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(len(self.prompts)))
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, "data order", epoch))
         return torch.randperm(len(self.prompts), generator=g).tolist()
 
     def steps_per_epoch(self) -> int:

@@ -12,6 +12,8 @@ import re
 
 import torch
 
+from ..seeds import mix_seed
+
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -176,7 +178,6 @@ def seeded_full_weights(model, seed: int) -> dict[str, torch.Tensor]:
     megatron-style init: normal(0, std) weights, std / sqrt(2 * layers) for the projections
     into the residual stream, ones for norm scales, zeros for biases.
     """
-    import zlib
 
     from .builder import unwrap
 
@@ -205,6 +206,6 @@ def seeded_full_weights(model, seed: int) -> dict[str, torch.Tensor]:
                 std = std / (2.0 * cfg.num_layers) ** 0.5
             # a pipeline's last stage holds its own copy of tied embeddings: the same values
             source = _source_name(name, {}, gpt.share_embeddings_and_output_weights)
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(source.encode()))
+            g = torch.Generator().manual_seed(mix_seed(seed, source))
             out[name] = torch.randn(shape, generator=g) * std
     return out

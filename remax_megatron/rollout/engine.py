@@ -120,9 +120,9 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
     if logits is not None:
         logits = logits.repeat_interleave(k, dim=0)
 
-    ids = torch.arange(batch) if sample_ids is None else sample_ids.cpu()
+    ids = list(range(batch)) if sample_ids is None else sample_ids.tolist()
     streams = _sampling_streams(continuations)
-    uniforms = row_uniforms(seed, [int(ids[r // k]) for r in range(rows)],
+    uniforms = row_uniforms(seed, [ids[r // k] for r in range(rows)],
                             [streams[r % k] for r in range(rows)], max_new_tokens).to(device)
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     log_probs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)

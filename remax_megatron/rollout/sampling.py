@@ -8,12 +8,12 @@ tensor/pipeline layout.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from ..config_io import ConfigError
+from ..seeds import mix_seed
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,6 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams(greedy=True)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (a hash: distinct tuples do not collide in practice)."""
-    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def row_generator(seed: int, sample_id: int, stream: int = 0) -> torch.Generator:

@@ -18,8 +18,8 @@ from ..config_io import ConfigError, save_yaml
 from ..data.loader import PromptLoader, share_of
 from ..data.prompts import Prompt, load_prompts
 from ..data.tokenizer import check_fits, eos_token_ids, load_tokenizer
-from ..models.builder import build_policy, dtype_from_name, unwrap
 from ..convert.hf_files import GENERATION_CONFIG
+from ..models.builder import build_policy, dtype_from_name, unwrap
 from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_checkpoint
 from ..models.hf_config import HFModelInfo, to_hf_config
 from ..models.sharding import load_full_state_dict, seeded_full_weights
@@ -27,8 +27,9 @@ from ..ops.logprobs import vocab_parallel_log_probs
 from ..reward import Scored
 from ..rollout.engine import generate
 from ..rollout.generate_command import left_pad
-from ..rollout.sampling import GREEDY, SamplingParams, mix_seed
+from ..rollout.sampling import GREEDY, SamplingParams
 from ..runtime.distributed import init_runtime, read_launch_env, shutdown
+from ..seeds import mix_seed
 from . import demo
 from .checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .config import RunConfig, check_config, snapshot
