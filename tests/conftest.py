@@ -66,6 +66,37 @@ def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def run_metrics(run: Path) -> list[dict]:
+    """A training run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+# what a run at another layout must reproduce: counts exactly; reward sums (the same rollouts and
+# rewards, summed in another order when dp differs) to 1e-6; everything downstream of a forward
+# within float noise
+EXACT = ("step", "response_length/sampled", "epoch", "skipped")
+SUMS = ("reward/sampled", "reward/greedy", "reward/std")
+CLOSE = ("loss", "entropy", "grad_norm", "kl", "lr", "advantage/mean", "advantage/std",
+         "clip_fraction", "critic/value_loss", "critic/grad_norm", "critic/lr")
+
+
+def same_run(a: list[dict], b: list[dict], tol: float = 1e-4) -> None:
+    """Two runs' metrics agree step by step (keys absent from a run's rows are not compared)."""
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        assert set(x) == set(y), (x["step"], set(x) ^ set(y))
+        for key in EXACT + ("response_length/greedy", "critic/skipped"):
+            if key in x:
+                assert x[key] == y[key], (x["step"], key, x[key], y[key])
+        for key in SUMS:
+            if key in x:
+                assert abs(x[key] - y[key]) <= min(tol, 1e-6), (x["step"], key, x[key], y[key])
+        for key in CLOSE:
+            if key in x:
+                assert abs(x[key] - y[key]) <= tol * max(1.0, abs(x[key])), (
+                    x["step"], key, x[key], y[key])
+
+
 @pytest.fixture(scope="session")
 def megatron_runtime():
     """torch.distributed + megatron parallel_state for a single process (tp=1, pp=1)."""

@@ -17,32 +17,20 @@ import pytest
 import torch
 import transformers
 
-from conftest import ROOT, run_python, run_torchrun, worker_env
+from conftest import ROOT, run_metrics, run_python, run_torchrun, same_run, worker_env
 from remax_megatron.convert.commands import mcore_to_hf
 
 # tied embeddings: at pp2 the last stage keeps its own copy, which must start and stay equal
 SMALL = ["train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=4",
          "rollout.max_new_tokens=8", "train.lr=1e-2", "policy.model.tie_word_embeddings=true"]
-EXACT = ("step", "response_length/sampled", "response_length/greedy", "epoch", "skipped")
-SUMS = ("reward/sampled", "reward/greedy", "advantage/mean", "advantage/std")  # summed per dp rank
-CLOSE = ("loss", "entropy", "grad_norm", "kl", "lr")
-KEYS = EXACT + SUMS + CLOSE + ("time/rollout", "time/reward", "time/train", "time/step",
-                        "tokens_per_second", "memory/peak_gib")
+KEYS = ("step", "reward/sampled", "reward/greedy", "advantage/mean", "advantage/std", "loss",
+        "entropy", "grad_norm", "kl", "lr", "response_length/sampled", "response_length/greedy",
+        "epoch", "skipped", "time/rollout", "time/reward", "time/train", "time/step",
+        "tokens_per_second", "memory/peak_gib")
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def same_run(a: list[dict], b: list[dict], tol: float = 1e-4) -> None:
-    assert [m["step"] for m in a] == [m["step"] for m in b]
-    for x, y in zip(a, b):
-        for key in EXACT:
-            assert x[key] == y[key], (x["step"], key, x[key], y[key])
-        for key in SUMS:  # the same rewards; float sums in another order when dp differs
-            assert abs(x[key] - y[key]) <= min(tol, 1e-6), (x["step"], key, x[key], y[key])
-        for key in CLOSE:
-            assert abs(x[key] - y[key]) <= tol * max(1.0, abs(x[key])), (x["step"], key)
+    return run_metrics(run)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,11 @@
-"""The ReMax loss and its gradients on the same weights and rollouts: megatron at tp2, pp2 and
-dp2 (through the trainer's own micro-batching and loss) against a single-process plain-torch
-computation with transformers, written out longhand from the paper's / official formulas."""
+"""The loss and its gradients on the same weights and rollouts, for ReMax, GRPO and PPO: megatron
+at tp2, pp2 and dp2 (through the trainer's own micro-batching and loss) against a single-process
+plain-torch computation with transformers, written out longhand from the papers' / official
+formulas (PPO's GAE as a plain reversed loop)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -14,52 +17,98 @@ from remax_megatron.convert.commands import hf_to_mcore
 from remax_megatron.models.hf_config import from_hf_config
 
 WORKER = str(WORKERS / "train_equivalence.py")
-N = 8
+N = 8  # trained responses
 TOL = 2e-5
 
 
-def plain_torch_loss(model, prompts, responses, adv, ref_lp, alg):
-    """sum over sequences and response tokens of -return_t * log pi(y_t), where
-    return_t = kl_coef * (log pi_ref(y_t) - log pi(y_t)) + gamma^(T - t) * A (the KL term
-    detached); divided by the number of sequences (sequence_sum) or of tokens (token_mean)."""
-    total = torch.zeros(())
-    tokens = 0
-    for i in range(len(prompts)):
-        seq = torch.tensor([prompts[i] + responses[i]])
-        logp = torch.log_softmax(model(seq).logits[0], dim=-1)
-        T = len(responses[i])
-        for t in range(T):
-            position = len(prompts[i]) - 1 + t
-            token_logp = logp[position, responses[i][t]]
-            # KL in the reward uses the policy's own log-prob (no gradient through it)
-            ret = alg["gamma"] ** (T - t) * adv[i] + alg["kl_coef"] * (ref_lp[i][t] -
-                                                                         token_logp.detach())
-            total = total - ret * token_logp
-        tokens += T
-    return total / (len(prompts) if alg["loss_reduction"] == "sequence_sum" else tokens)
+def response_log_probs(model, prompt, response):
+    logp = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0], dim=-1)
+    return [logp[len(prompt) - 1 + t, token] for t, token in enumerate(response)]
+
+
+def remax_terms(lps, outcome, ref, values, alg):
+    """-return_t * log pi(y_t), return_t = gamma^(T - t) * A + kl_coef * (log pi_ref - log pi)
+    (the KL term from the policy's own log-prob, held constant)."""
+    T = len(lps)
+    return [-(alg["gamma"] ** (T - t) * outcome + alg["kl_coef"] * (ref[t] - lp.detach())) * lp
+            for t, lp in enumerate(lps)]
+
+
+def surrogate(lp, adv, clip):
+    """-min(rho A, clip(rho) A) with rho = pi / pi_old = exp(lp - lp.detach()) (one update: the
+    old policy is the current one)."""
+    ratio = torch.exp(lp - lp.detach())
+    return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+
+
+def grpo_terms(lps, outcome, ref, values, alg):
+    """surrogate(A) + beta * (exp(ref - lp) - (ref - lp) - 1)."""
+    return [surrogate(lp, outcome, alg["clip_ratio"]) + alg["kl_loss_coef"] * (
+        torch.exp(ref[t] - lp) - (ref[t] - lp) - 1) for t, lp in enumerate(lps)]
+
+
+def ppo_terms(lps, score, ref, values, alg):
+    """GAE by a plain reversed loop over r_t = -kl_coef (log pi - log pi_ref) + [t = T-1] score,
+    V after the last token = 0; then the clipped surrogate of each token's advantage."""
+    T = len(lps)
+    rewards = [-alg["kl_coef"] * (lp.item() - ref[t]) for t, lp in enumerate(lps)]
+    rewards[-1] += score
+    adv, running = [0.0] * T, 0.0
+    for t in reversed(range(T)):
+        next_value = values[t + 1] if t + 1 < T else 0.0
+        delta = rewards[t] + alg["gamma"] * next_value - values[t]
+        running = delta + alg["gamma"] * alg["lam"] * running
+        adv[t] = running
+    return [surrogate(lp, adv[t], alg["clip_ratio"]) for t, lp in enumerate(lps)]
+
+
+TERMS = {"remax": remax_terms, "grpo": grpo_terms, "ppo": ppo_terms}
+
+
+def plain_torch_loss(model, prompts, responses, outcomes, ref_lp, values, alg):
+    """Sum the per-token terms, then reduce: sequence_sum (/ sequences), token_mean (/ tokens),
+    sequence_mean (each response's token mean, / sequences)."""
+    n = alg["n_samples"]
+    total, tokens = torch.zeros(()), 0
+    for i, response in enumerate(responses):
+        lps = response_log_probs(model, prompts[i // n], response)
+        terms = TERMS[alg["name"]](lps, outcomes[i], ref_lp[i], values[i], alg)
+        per_response = sum(terms)
+        total = total + (per_response / len(terms) if alg["loss_reduction"] == "sequence_mean"
+                         else per_response)
+        tokens += len(terms)
+    return total / (tokens if alg["loss_reduction"] == "token_mean" else len(responses))
 
 
 ALGORITHMS = {
-    "paper": {"loss_reduction": "sequence_sum", "gamma": 1.0, "kl_coef": 0.0},
-    "official": {"loss_reduction": "token_mean", "gamma": 0.9, "kl_coef": 0.1},
+    "paper": {"name": "remax", "n_samples": 1, "loss_reduction": "sequence_sum", "gamma": 1.0,
+              "kl_coef": 0.0},
+    "official": {"name": "remax", "n_samples": 1, "loss_reduction": "token_mean", "gamma": 0.9,
+                 "kl_coef": 0.1},
+    "grpo": {"name": "grpo", "n_samples": 2, "loss_reduction": "sequence_mean",
+             "kl_loss_coef": 0.05, "clip_ratio": 0.2},
+    "ppo": {"name": "ppo", "n_samples": 1, "loss_reduction": "token_mean", "kl_coef": 0.1,
+            "gamma": 0.9, "lam": 0.8, "clip_ratio": 0.2},
 }
 
 
 def build_reference(root, alg_name):
+    alg = ALGORITHMS[alg_name]
     tokenizer = tiny.build_tokenizer(300)
     model = tiny.build_hf_model("LlamaForCausalLM", len(tokenizer), seed=9)
     hf_dir = tiny.save_hf(model, tokenizer, root / "hf")
     ckpt = hf_to_mcore(hf_dir, root / "ckpt")
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, len(tokenizer), (int(n),), generator=g).tolist()
-               for n in torch.randint(2, 7, (N,), generator=g)]
-    responses = [torch.randint(3, len(tokenizer), (int(n),), generator=g).tolist()
-                 for n in torch.randint(1, 6, (N,), generator=g)]
-    adv = torch.randn(N, generator=g).tolist()
+    prompts = [torch.randint(3, len(tokenizer), (int(k),), generator=g).tolist()
+               for k in torch.randint(2, 7, (N // alg["n_samples"],), generator=g)]
+    responses = [torch.randint(3, len(tokenizer), (int(k),), generator=g).tolist()
+                 for k in torch.randint(1, 6, (N,), generator=g)]
+    outcomes = torch.randn(N, generator=g).tolist()
     rollout_lp = [(-torch.rand(6, generator=g) * 5).tolist() for _ in range(N)]
     ref_lp = [(-torch.rand(6, generator=g) * 5).tolist() for _ in range(N)]
-    alg = ALGORITHMS[alg_name]
-    loss = plain_torch_loss(model, prompts, responses, adv, ref_lp, alg)
+    values = [torch.randn(6, generator=g).tolist() for _ in range(N)]
+    loss = plain_torch_loss(model, prompts, responses, outcomes, ref_lp, values, alg)
+    assert math.isfinite(loss.item())
     model.zero_grad()
     loss.backward()
     hf_grads = {name: p.grad for name, p in model.named_parameters()}
@@ -67,8 +116,9 @@ def build_reference(root, alg_name):
     expected = dict(rules.to_mcore(llama.rules(config, False), hf_grads.__getitem__))
     path = root / "ref.pt"
     torch.save({"checkpoint": str(ckpt), "prompts": prompts, "responses": responses,
-                "advantages": adv, "rollout_log_probs": rollout_lp, "ref_log_probs": ref_lp,
-                "algorithm": alg, "expected_loss": loss.item(), "expected_grads": expected}, path)
+                "outcomes": outcomes, "rollout_log_probs": rollout_lp, "ref_log_probs": ref_lp,
+                "values": values, "algorithm": alg, "expected_loss": loss.item(),
+                "expected_grads": expected}, path)
     return path
 
 
@@ -76,6 +126,9 @@ CASES = {
     "tp2_paper": (2, ["--tp", "2"], "paper"),
     "pp2_official": (2, ["--pp", "2"], "official"),
     "dp2_official": (2, [], "official"),
+    "tp2_grpo": (2, ["--tp", "2"], "grpo"),
+    "pp2_ppo": (2, ["--pp", "2"], "ppo"),
+    "dp2_ppo": (2, [], "ppo"),
 }
 
 

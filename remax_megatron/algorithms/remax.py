@@ -1,87 +1,50 @@
-"""ReMax (Li et al., ICML 2024) as pure tensor functions: no torch.distributed, no megatron.
+"""ReMax (Li et al., ICML 2024, arXiv 2310.10505): REINFORCE with the greedy response's reward
+as the baseline. No critic, no importance ratio, one update per rollout.
 
-For each prompt x: a sampled response y ~ pi(.|x) and the greedy response y*;
-advantage A = r(x, y) - r(x, y*) (the greedy reward is the baseline), optionally clipped;
-per-token return for the sampled response, token t of T (official code, remax_trainer.py):
+For each prompt x: n sampled responses y_i ~ pi(.|x) and ONE greedy response y* (never trained on),
+all continuing the prompt's single prefill;
 
-    return_t = kl_t + gamma^(T - t) * A,    kl_t = kl_coef * (log pi_ref(y_t) - log pi(y_t))
+    A_i = r(x, y_i) - r(x, y*)                        optionally clipped to [-c, c] (official: 5)
+    return_t = kl_t + gamma^(T - t) * A_i,  kl_t = kl_coef * (log pi_ref - log pi)(y_t)
+    loss = -sum_t return_t * log pi(y_t)              (reductions: common.REDUCTIONS)
 
-(t counted from 0, so the last token gets gamma * A; with gamma = 1 and kl_coef = 0 every token's
-return is A: the paper's trajectory-level REINFORCE). The loss is -return * log pi(y_t), reduced
-as a sum over tokens and a mean over sequences (the paper, our default) or a mean over all tokens
-(the official code). Functions return (loss_sum, normalizer): the trainer divides the global sum
-by the global normalizer, so the reduction is exact across micro-batches and data parallelism.
+With gamma = 1 and kl_coef = 0 (the defaults) this is the paper's Algorithm 1; gamma, the KL term
+in the reward, the clip and the token mean are the official code's (liziniu/ReMax,
+remax_trainer.py) variants.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..config_io import ConfigError
+from .common import discounted_returns, kl_penalty, policy_gradient_loss
 
-REDUCTIONS = ("sequence_sum", "token_mean")
-
-
-@dataclass
-class ReMaxConfig:
-    kl_coef: float = 0.0  # > 0 adds a per-token KL-to-reference term to the reward (builds a reference)
-    clip_advantage: Optional[float] = None  # the official code clips r(y) - r(y*) to [-5, 5]
-    gamma: float = 1.0  # the official code's discount of the terminal reward (0.95 / 0.99 there)
-    loss_reduction: str = "sequence_sum"  # paper: sum over tokens, mean over sequences
-
-    def __post_init__(self):
-        if self.loss_reduction not in REDUCTIONS:
-            raise ConfigError(f"algorithm.loss_reduction={self.loss_reduction!r}: use one of "
-                              f"{', '.join(REDUCTIONS)}")
-        if self.kl_coef < 0:
-            raise ConfigError(f"algorithm.kl_coef={self.kl_coef} must be >= 0")
-        if not 0 < self.gamma <= 1:
-            raise ConfigError(f"algorithm.gamma={self.gamma} must be in (0, 1]")
-        if self.clip_advantage is not None and self.clip_advantage <= 0:
-            raise ConfigError(f"algorithm.clip_advantage={self.clip_advantage} must be > 0 or null")
+GREEDY_BASELINE = True  # one greedy continuation per prompt beside the sampled ones
+CRITIC = False
+MIN_SAMPLES = 1
+DEFAULTS = {"kl_coef": 0.0, "clip_advantage": None, "gamma": 1.0, "loss_reduction": "sequence_sum"}
 
 
-def advantage(reward_sampled: torch.Tensor, reward_greedy: torch.Tensor,
-              clip: Optional[float] = None) -> torch.Tensor:
-    """A = r(sampled) - r(greedy), one per prompt; clipped to [-clip, clip] when given."""
-    adv = reward_sampled - reward_greedy
-    return adv.clamp(-clip, clip) if clip is not None else adv
+def uses_reference(cfg) -> bool:
+    return cfg.kl_coef > 0
 
 
-def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token KL reward kl_coef * (log pi_ref - log pi) [N, T] (the official estimator)."""
-    return kl_coef * (ref_log_probs - log_probs)
+def sequence_advantages(rewards: torch.Tensor, greedy: Optional[torch.Tensor], cfg) -> torch.Tensor:
+    """[B, n] sampled rewards, [B] greedy rewards -> A = r - r(greedy), clipped when configured."""
+    adv = rewards - greedy.unsqueeze(-1)
+    return adv.clamp(-cfg.clip_advantage, cfg.clip_advantage) if cfg.clip_advantage else adv
 
 
-def returns(adv: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-            kl: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-token returns [N, L] where ``mask`` [N, L] marks each row's T response tokens
-    (contiguous, anywhere in the row): return_t = kl_t + gamma^(T - t) * A, zero elsewhere."""
-    mask = mask.to(adv.dtype)
-    length = mask.sum(-1, keepdim=True)  # T per row
-    t = mask.cumsum(-1) - 1  # index of each response token within its response
-    discount = gamma ** (length - t) if gamma != 1.0 else torch.ones_like(mask)
-    out = discount * adv.unsqueeze(-1)
-    if kl is not None:
-        out = out + kl
-    return out * mask
+def token_advantages(outcome, mask, old_log_probs, ref_log_probs, values, cfg):
+    """The REINFORCE family's per-token returns (no critic: ``values`` is unused)."""
+    kl = (kl_penalty(old_log_probs, ref_log_probs, cfg.kl_coef)
+          if ref_log_probs is not None else None)
+    return discounted_returns(outcome, mask, cfg.gamma, kl), None
 
 
-def policy_loss(log_probs: torch.Tensor, rets: torch.Tensor, mask: torch.Tensor,
-                reduction: str = "sequence_sum") -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss_sum, normalizer) of -return * log pi over response tokens.
-
-    sequence_sum: normalizer = number of sequences; token_mean: number of response tokens.
-    """
-    mask = mask.to(log_probs.dtype)
-    loss_sum = -(rets.detach() * log_probs * mask).sum()
-    if reduction == "sequence_sum":
-        normalizer = torch.tensor(float(mask.size(0)), device=mask.device)
-    elif reduction == "token_mean":
-        normalizer = mask.sum()
-    else:
-        raise ConfigError(f"loss reduction {reduction!r}: use one of {', '.join(REDUCTIONS)}")
-    return loss_sum, normalizer
+def loss(log_probs, old_log_probs, adv, mask, ref_log_probs, cfg):
+    """(loss_sum, normalizer, clipped-token mask): -return * log pi, nothing clipped."""
+    loss_sum, normalizer = policy_gradient_loss(log_probs, adv, mask, cfg.loss_reduction)
+    return loss_sum, normalizer, torch.zeros_like(mask, dtype=torch.bool)

@@ -3,6 +3,8 @@
   OUTPUT/checkpoints/step_000010/   a full policy checkpoint (loads with load_model, exports
                                     with convert mcore-to-hf) plus optimizer/, rng/ and
                                     trainer_state.json
+  OUTPUT/checkpoints/step_000010/critic/   PPO's value model and its optimizer (a reward-kind
+                                    checkpoint of its own)
   OUTPUT/checkpoints/latest         the name of the last complete one
 
 Every rank writes into a temporary directory; only when all are done does rank 0 rename it
@@ -16,7 +18,7 @@ import json
 import logging
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -70,12 +72,47 @@ def _set_rng_state(state: dict) -> None:
         np.random.set_state(state["numpy"])
 
 
-def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                             meta: CheckpointMeta, model_config, hf_config, tokenizer,
-                             keep_last: int, extra_files=()) -> Path:
-    """Collective: every rank calls it."""
+@dataclass
+class ExtraModel:
+    """A second trained model saved with the policy (PPO's critic): its own checkpoint directory
+    inside the step's, loadable with load_model and exportable like any checkpoint."""
+
+    name: str  # the subdirectory
+    model: object  # DDP-wrapped
+    optimizer: object
+    meta: CheckpointMeta
+    model_config: object
+    hf_config: dict | None
+
+
+def _save_model_and_optimizer(directory: Path, model, optimizer) -> None:
     from megatron.core import dist_checkpointing
 
+    save_weights(model, directory / WEIGHTS_DIR)
+    if dist.get_rank() == 0:
+        (directory / OPTIMIZER_DIR).mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # the directory exists for every rank before any of them writes
+    dist_checkpointing.save(
+        optimizer.sharded_state_dict(sharded_state_dict(unwrap(model)),
+                                     metadata=OPTIMIZER_METADATA),
+        str(directory / OPTIMIZER_DIR))
+
+
+def _load_model_and_optimizer(directory: Path, model, optimizer) -> None:
+    from megatron.core import dist_checkpointing
+
+    load_weights(model, directory / WEIGHTS_DIR)
+    opt_state = dist_checkpointing.load(
+        optimizer.sharded_state_dict(sharded_state_dict(unwrap(model)), is_loading=True,
+                                     metadata=OPTIMIZER_METADATA),
+        str(directory / OPTIMIZER_DIR))
+    optimizer.load_state_dict(opt_state)
+
+
+def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
+                             meta: CheckpointMeta, model_config, hf_config, tokenizer,
+                             keep_last: int, extra_files=(), extra_models=()) -> Path:
+    """Collective: every rank calls it."""
     root = Path(root) / "checkpoints"
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -84,20 +121,22 @@ def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    save_weights(model, tmp / WEIGHTS_DIR)
-    gpt = unwrap(model)
-    (tmp / OPTIMIZER_DIR).mkdir(exist_ok=True)
-    dist.barrier()  # the directory exists for every rank before any of them writes
-    dist_checkpointing.save(
-        optimizer.sharded_state_dict(sharded_state_dict(gpt), metadata=OPTIMIZER_METADATA),
-        str(tmp / OPTIMIZER_DIR))
+    _save_model_and_optimizer(tmp, model, optimizer)
+    for extra in extra_models:
+        _save_model_and_optimizer(tmp / extra.name, extra.model, extra.optimizer)
     (tmp / RNG_DIR).mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
     if rank == 0:
         write_checkpoint_files(tmp, CheckpointMeta(**{**asdict(meta), "step": step}),
                                model_config, hf_config)
+        for extra in extra_models:
+            write_checkpoint_files(tmp / extra.name,
+                                   CheckpointMeta(**{**asdict(extra.meta), "step": step}),
+                                   extra.model_config, extra.hf_config)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            for extra in extra_models:
+                tokenizer.save_pretrained(str(tmp / extra.name / TOKENIZER_DIR))
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
         state = {**trainer_state, "scheduler": scheduler.state_dict(),
@@ -134,19 +173,17 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return path
 
 
-def load_training_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and (same world size) RNG; returns the trainer state."""
-    from megatron.core import dist_checkpointing
-
+def load_training_checkpoint(path: Path, model, optimizer, scheduler, extra_models=()) -> dict:
+    """Restore model, optimizer, scheduler, extra models (by name) and (same world size) RNG;
+    returns the trainer state."""
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
-    load_weights(model, path / WEIGHTS_DIR)
-    gpt = unwrap(model)
-    opt_state = dist_checkpointing.load(
-        optimizer.sharded_state_dict(sharded_state_dict(gpt), is_loading=True,
-                                     metadata=OPTIMIZER_METADATA),
-        str(path / OPTIMIZER_DIR))
-    optimizer.load_state_dict(opt_state)
+    _load_model_and_optimizer(path, model, optimizer)
+    for extra in extra_models:
+        if not (path / extra.name / WEIGHTS_DIR).is_dir():
+            raise ConfigError(f"{path} has no {extra.name}/: it was written by a run without a "
+                              f"{extra.name}, so this run cannot resume from it")
+        _load_model_and_optimizer(path / extra.name, extra.model, extra.optimizer)
     scheduler.load_state_dict(state["scheduler"])
     rng = path / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
     if state.get("world_size") == dist.get_world_size() and rng.is_file():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..algorithms.remax import ReMaxConfig
+from ..algorithms import AlgorithmConfig
 from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ..models.config import ModelConfig
 from ..rollout.sampling import SamplingParams
@@ -52,10 +52,25 @@ class RolloutConfig:
     temperature: float = 1.0  # the official code samples at 1.0 with top_p 0.9
     top_p: float = 0.9
     top_k: int = 0
+    # sampled responses per prompt (RLOO and GRPO need >= 2); ReMax adds ONE greedy response per
+    # prompt as the baseline of all n, every continuation sharing the prompt's single prefill
+    n_samples: int = 1
     # pp > 1: prompt groups that follow each other through the pipeline stages during rollout;
     # 0 (auto): the prefill in 2 x pp groups, decode steps on the whole batch; N: N groups for
     # both (helps large, compute-bound batches); 1: the whole batch stage after stage
     pipeline_micro_batches: int = 0
+
+
+@dataclass
+class CriticConfig:
+    """The value model of algorithm.name=ppo (on the policy's tp/pp layout, own DDP/optimizer)."""
+
+    # null: the reward model's checkpoint when reward.load is set (DeepSpeed-Chat), else the
+    # policy's weights; "policy": the policy's weights (scalar head starting at 0); or a
+    # reward-kind checkpoint (a converted sequence classifier, or a run's checkpoints/step_N/critic)
+    load: Optional[str] = None
+    lr: Optional[float] = None  # null: train.lr
+    min_lr: Optional[float] = None  # null: train.min_lr
 
 
 @dataclass
@@ -96,7 +111,8 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algorithm: ReMaxConfig = field(default_factory=ReMaxConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -141,19 +157,15 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"data.path={cfg.data.path} does not exist")
     layout = validate_layout(world_size, cfg.parallel.tp, cfg.parallel.pp, p.model, "policy")
     validate_layout(world_size, cfg.reward.tp, cfg.reward.pp, None, "reward model")
-    per_rank = t.global_batch_size // layout.dp
-    if t.global_batch_size % (layout.dp * t.micro_batch_size):
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by dp x "
-            f"micro_batch_size = {layout.dp} x {t.micro_batch_size}: make it a multiple of "
-            f"{layout.dp * t.micro_batch_size}")
-    if per_rank < 1:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} gives dp rank no prompt")
     for name, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                        ("rollout.n_samples", cfg.rollout.n_samples),
                         ("data.max_prompt_length", cfg.data.max_prompt_length),
                         ("train.micro_batch_size", t.micro_batch_size)):
         if value < 1:
             raise ConfigError(f"{name}={value} must be at least 1")
+    if t.global_batch_size // layout.dp < 1:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} gives dp rank no prompt")
+    _check_batch_split(cfg, layout.dp)
     if cfg.rollout.pipeline_micro_batches < 0:
         raise ConfigError(f"rollout.pipeline_micro_batches={cfg.rollout.pipeline_micro_batches} "
                           "must be >= 0 (0: automatic)")
@@ -171,6 +183,47 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"rollout: {err}") from None
     if t.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.dtype={t.dtype!r}: use auto, fp32, bf16 or fp16")
+    _check_algorithm(cfg)
+
+
+def _check_batch_split(cfg: RunConfig, dp: int) -> None:
+    """Each dp rank trains on (prompts / dp) x n_samples sequences, split into mini-batches
+    (PPO/GRPO) of whole micro-batches."""
+    t, n = cfg.train, cfg.rollout.n_samples
+    minis = cfg.algorithm.mini_batches or 1
+    if t.global_batch_size % dp:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                          f"dp={dp}: make it a multiple of {dp}")
+    sequences = t.global_batch_size // dp * n
+    if sequences % (t.micro_batch_size * minis) == 0:
+        return
+    if n == 1 and minis == 1:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by dp x "
+            f"micro_batch_size = {dp} x {t.micro_batch_size}: make it a multiple of "
+            f"{dp * t.micro_batch_size}")
+    raise ConfigError(
+        f"each dp rank trains {t.global_batch_size} / dp {dp} x rollout.n_samples {n} = "
+        f"{sequences} sequences, not divisible by train.micro_batch_size {t.micro_batch_size} x "
+        f"algorithm.mini_batches {minis}: change one of them")
+
+
+def _check_algorithm(cfg: RunConfig) -> None:
+    alg, n = cfg.algorithm.module, cfg.rollout.n_samples
+    if n < alg.MIN_SAMPLES:
+        raise ConfigError(f"algorithm.name={cfg.algorithm.name} needs rollout.n_samples >= "
+                          f"{alg.MIN_SAMPLES} (its baseline comes from the other samples), got {n}")
+    c = cfg.critic
+    if not alg.CRITIC and any(v is not None for v in (c.load, c.lr, c.min_lr)):
+        raise ConfigError(f"critic.* is set but algorithm.name={cfg.algorithm.name} trains no "
+                          "critic: remove it (only ppo has one)")
+    for name in ("lr", "min_lr"):
+        value = getattr(c, name)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"critic.{name}={value} must be >= 0")
+    if c.load not in (None, "policy") and not Path(c.load).is_dir():
+        raise ConfigError(f"critic.load={c.load} does not exist: give a reward-model checkpoint, "
+                          "'policy', or leave it unset")
 
 
 def snapshot(cfg: RunConfig) -> dict:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable
 
-
+import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -101,3 +102,60 @@ def forward_backward(model, batches: Iterable[dict], loss_fn: Callable, seq_leng
         forward_only=forward_only,
     )
 
+
+
+def forward_only(model, batches: list[dict], record: Callable, seq_length: int,
+                 micro_batch_size: int) -> None:
+    """One no-grad forward of every micro-batch; ``record(output, batch)`` stores what it needs
+    in ``batch`` (last pipeline stage: where the output is)."""
+
+    def capture(output, batch):
+        record(output, batch)
+        return output.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+
+    with torch.no_grad():
+        model.config.calculate_per_token_loss = True
+        forward_backward(model, batches, capture, seq_length=seq_length,
+                         micro_batch_size=micro_batch_size, forward_only=True)
+
+
+def grads_finite(ddp_model) -> bool:
+    """Every gradient of every rank finite (one all-reduce)."""
+    bad = torch.zeros((), device=ddp_model.buffers[0].grad_data.device)
+    for buffer in ddp_model.buffers:
+        if not torch.isfinite(buffer.grad_data).all():
+            bad.fill_(1.0)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
+
+
+def update(ddp_model, optimizer, batches: list[dict], loss_fn: Callable, seq_length: int,
+           micro_batch_size: int, fp16: bool = False) -> tuple[bool, float]:
+    """Forward/backward over ``batches`` and one optimizer step, unless a gradient is non-finite
+    somewhere (then the gradients are dropped and the weights stay as they were; under fp16
+    megatron's loss scaler makes that call). Returns (applied, grad norm)."""
+    ddp_model.train()
+    # After a step megatron's fp32 optimizer leaves param.grad aliased to the DDP grad buffer;
+    # the next backward would then add the first micro-batch's gradient twice.
+    optimizer.zero_grad()
+    forward_backward(ddp_model, batches, loss_fn, seq_length=seq_length,
+                     micro_batch_size=micro_batch_size)
+    applied, grad_norm = False, float("nan")
+    if fp16 or grads_finite(ddp_model):
+        applied, grad_norm, _ = optimizer.step()
+    if not applied:
+        ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
+    return applied, float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def build_scheduler(optimizer, lr: float, min_lr: float, warmup_steps: int, total_steps: int,
+                    weight_decay: float):
+    """Linear warmup then cosine decay to ``min_lr`` at ``total_steps`` (megatron's scheduler)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=max(total_steps, warmup_steps + 1),
+        lr_decay_style="cosine", start_wd=weight_decay, end_wd=weight_decay,
+        wd_incr_steps=total_steps, wd_incr_style="constant")

@@ -9,13 +9,23 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PROGRESS = (
-    "step {step}/{total} | reward {reward/sampled:.4f} (greedy {reward/greedy:.4f}) | "
-    "adv {advantage/mean:+.4f}±{advantage/std:.4f} | len {response_length/sampled:.1f} | "
-    "kl {kl:.4f} | ent {entropy:.3f} | gnorm {grad_norm:.3f} | lr {lr:.2e} | "
-    "{time/step:.1f}s (rollout {time/rollout:.1f}, reward {time/reward:.1f}, "
-    "train {time/train:.1f}) | {tokens_per_second:.0f} tok/s"
-)
+def progress_line(m: dict, total: int) -> str:
+    """One line per step; parts for what this algorithm logs (greedy baseline, critic)."""
+    parts = [f"step {m['step']}/{total}", f"reward {m['reward/sampled']:.4f}"]
+    if "reward/greedy" in m:
+        parts[-1] += f" (greedy {m['reward/greedy']:.4f})"
+    parts += [f"adv {m['advantage/mean']:+.4f}±{m['advantage/std']:.4f}",
+              f"len {m['response_length/sampled']:.1f}", f"kl {m['kl']:.4f}",
+              f"ent {m['entropy']:.3f}", f"gnorm {m['grad_norm']:.3f}", f"lr {m['lr']:.2e}"]
+    if "critic/value_loss" in m:
+        parts.append(f"vloss {m['critic/value_loss']:.4f}")
+    spans = [f"rollout {m['time/rollout']:.1f}", f"reward {m['time/reward']:.1f}"]
+    if m.get("time/critic"):
+        spans.append(f"critic {m['time/critic']:.1f}")
+    spans.append(f"train {m['time/train']:.1f}")
+    parts += [f"{m['time/step']:.1f}s ({', '.join(spans)})",
+              f"{m['tokens_per_second']:.0f} tok/s"]
+    return " | ".join(parts)
 
 
 class MetricsLogger:
@@ -26,6 +36,7 @@ class MetricsLogger:
         self.total = total_steps
         self.path = self.dir / "metrics.jsonl"
         self.history: list[dict] = []
+        self.algorithm = ((config or {}).get("algorithm") or {}).get("name", "remax")
         if resume_from_step and self.path.is_file():
             # keep the steps the resumed checkpoint had already done; later ones are redone
             kept = [json.loads(line) for line in self.path.read_text().splitlines() if line]
@@ -56,7 +67,7 @@ class MetricsLogger:
         self.history.append(metrics)
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        log.info(PROGRESS.format(total=self.total, **metrics))
+        log.info(progress_line(metrics, self.total))
         step = metrics["step"]
         for key, value in metrics.items():
             if key != "step" and isinstance(value, (int, float)):
@@ -72,10 +83,11 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-        return plot_rewards(self.history, self.dir / "reward_curves.png") if plot else None
+        return (plot_rewards(self.history, self.dir / "reward_curves.png", self.algorithm)
+                if plot else None)
 
 
-def plot_rewards(history: list[dict], path: Path) -> Path | None:
+def plot_rewards(history: list[dict], path: Path, algorithm: str = "remax") -> Path | None:
     if not history:
         return None
     try:
@@ -89,10 +101,11 @@ def plot_rewards(history: list[dict], path: Path) -> Path | None:
     steps = [m["step"] for m in history]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, [m["reward/sampled"] for m in history], label="sampled response (trained)")
-    ax.plot(steps, [m["reward/greedy"] for m in history], label="greedy response (baseline)")
+    if "reward/greedy" in history[-1]:
+        ax.plot(steps, [m["reward/greedy"] for m in history], label="greedy response (baseline)")
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
-    ax.set_title("ReMax: reward of sampled and greedy responses")
+    ax.set_title(f"{algorithm}: mean reward per step")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

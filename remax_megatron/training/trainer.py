@@ -1,5 +1,9 @@
-"""The ReMax training loop: rollout pairs -> rewards -> advantage -> loss through megatron's
-schedule -> one optimizer step; metrics, checkpoints and exact resume."""
+"""The training loop, one for every algorithm: rollout -> reward -> per-token advantages ->
+update(s) through megatron's schedule -> metrics and checkpoints (exact resume).
+
+What differs between algorithms (which continuations to roll out, which extra models, how rewards
+become per-token advantages, the loss) lives in remax_megatron/algorithms, one small module each.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..algorithms.remax import advantage, kl_penalty, policy_loss, returns
+from ..algorithms.common import whiten
 from ..config_io import ConfigError, save_yaml
 from ..data.loader import PromptLoader, share_of
 from ..data.prompts import Prompt, load_prompts
@@ -24,24 +28,31 @@ from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_ch
 from ..models.hf_config import HFModelInfo, to_hf_config
 from ..models.sharding import load_full_state_dict, seeded_full_weights
 from ..ops.logprobs import vocab_parallel_log_probs
-from ..reward import Scored
 from ..rollout.engine import generate
 from ..rollout.generate_command import left_pad
-from ..rollout.sampling import GREEDY, SamplingParams
+from ..rollout.sampling import SamplingParams
 from ..runtime.distributed import init_runtime, read_launch_env, shutdown
 from ..seeds import mix_seed
 from . import demo
-from .checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from .checkpointing import (
+    ExtraModel, latest_checkpoint, load_training_checkpoint, save_training_checkpoint,
+)
 from .config import RunConfig, check_config, snapshot
-from .engine import OptimizerSettings, build_optimizer, forward_backward, wrap_ddp
+from .critic import CRITIC_DIR, Critic, describe_critic
+from .critic import STATS as CRITIC_STATS
+from .engine import OptimizerSettings, build_optimizer, build_scheduler, forward_only, update, wrap_ddp
+from .experience import RolloutShape, micro_batches, mini_batches, reward_items, split_rewards
 from .metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 
 # per-step sums reduced over all ranks; each rank fills the part it owns
-ROLLOUT_STATS = ("n", "reward_sampled", "reward_greedy", "adv", "adv_sq", "len_sampled",
-                 "len_greedy", "generated_tokens")
-TRAIN_STATS = ("tokens", "entropy", "kl", "loss", "normalizer", "logprob_mismatch")
+ROLLOUT_STATS = ("prompts", "n", "reward_sampled", "reward_sampled_sq", "reward_greedy",
+                 "len_sampled", "len_greedy", "generated_tokens")
+# once per step, where a batch's advantages are made (from the rollout weights' log-probs)
+EXPERIENCE_STATS = ("tokens", "kl", "logprob_mismatch", "adv", "adv_sq")
+# every policy update pass
+UPDATE_STATS = ("pass_tokens", "entropy", "loss", "normalizer", "clipped")
 
 
 @dataclass
@@ -58,6 +69,8 @@ class Trainer:
         self.cfg = cfg
         world = read_launch_env().world_size
         check_config(cfg, world)
+        self.alg = cfg.algorithm.module
+        self.shape = RolloutShape(cfg.rollout.n_samples, self.alg.GREEDY_BASELINE)
         self.out = Path(cfg.output_dir)
         # Everything cheap and checkable comes before any model is built.
         self.policy = self._describe_policy()
@@ -75,20 +88,30 @@ class Trainer:
         self.total_steps = cfg.train.steps or max(
             1, int(cfg.train.epochs * self.loader.steps_per_epoch()))
         rule_reward = self._rule_reward()
+        critic_source = describe_critic(
+            cfg.critic.load, cfg.reward.load, self.policy.config, self.policy.meta,
+            self.policy.config.vocab_size) if self.alg.CRITIC else None
 
         self.runtime = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed,
                                     backend=cfg.parallel.backend, model=self.policy.config)
         self.device = self.runtime.device
         self.dtype = self._dtype()
         self.model = self._build_policy()
-        self.reference = self._build_reference() if cfg.algorithm.kl_coef > 0 else None
+        self.reference = (self._build_reference() if self.alg.uses_reference(cfg.algorithm)
+                          else None)
         self.ddp = wrap_ddp(self.model, cfg.train.use_distributed_optimizer)
         t = cfg.train
-        self.optimizer = build_optimizer(self.ddp, OptimizerSettings(
-            lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
-            use_distributed_optimizer=t.use_distributed_optimizer))
-        self.scheduler = self._scheduler()
+        self.optimizer = build_optimizer(self.ddp, self._optimizer_settings(t.lr, t.min_lr))
+        self.scheduler = build_scheduler(self.optimizer, t.lr, t.min_lr, t.warmup_steps,
+                                         self.total_steps, t.weight_decay)
+        self.critic = None
+        if critic_source is not None:
+            c = cfg.critic
+            self.critic = Critic(
+                critic_source, self.model, self._precision,
+                self._optimizer_settings(t.lr if c.lr is None else c.lr,
+                                         t.min_lr if c.min_lr is None else c.min_lr),
+                t.warmup_steps, self.total_steps, cfg.algorithm.clip_value)
         self.reward = rule_reward or self._reward_model()
         self.eos = eos_token_ids(self.tokenizer, read_checkpoint(cfg.policy.load)
                                  if cfg.policy.load else None)
@@ -201,221 +224,255 @@ class Trainer:
         return RewardModelReward(r.load, r.tp, r.pp, r.micro_batch_size, self.tokenizer,
                                  r.tokenizer, speaker, self.device, self.dtype)
 
-    def _scheduler(self):
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
+    def _optimizer_settings(self, lr: float, min_lr: float) -> OptimizerSettings:
         t = self.cfg.train
-        return OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr,
-            min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
-            lr_decay_steps=max(self.total_steps, t.warmup_steps + 1), lr_decay_style="cosine",
-            start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=self.total_steps,
-            wd_incr_style="constant")
+        return OptimizerSettings(
+            lr=lr, min_lr=min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
+            use_distributed_optimizer=t.use_distributed_optimizer)
+
+    def _extra_models(self) -> list[ExtraModel]:
+        if self.critic is None:
+            return []
+        meta = dataclasses.replace(self.critic.source.meta, dtype=DTYPE_NAMES[self.dtype])
+        return [ExtraModel(CRITIC_DIR, self.critic.ddp, self.critic.optimizer, meta,
+                           self.critic.source.config, self.critic.source.hf_config)]
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.out)
         if path is None:
             log.warning("--resume: no checkpoint under %s, starting from step 0", self.out)
             return
-        state = load_training_checkpoint(path, self.ddp, self.optimizer, self.scheduler)
+        state = load_training_checkpoint(path, self.ddp, self.optimizer, self.scheduler,
+                                         self._extra_models())
+        if self.critic is not None:
+            self.critic.scheduler.load_state_dict(state["critic_scheduler"])
         self.step = state["step"]
         self.loader.state.epoch, self.loader.state.cursor = state["loader"]
         log.info("resumed from %s at step %d", path, self.step)
 
     # --- one step ---------------------------------------------------------------------------
-    def _sampling(self) -> SamplingParams:
-        r = self.cfg.rollout
-        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-
     def _rollout(self, mine: list[tuple[int, Prompt]]):
+        r = self.cfg.rollout
+        sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         ids, mask = left_pad([p.ids for _, p in mine], self.pad)
-        return generate(self.ddp, ids, mask, continuations=[GREEDY, self._sampling()],
-                        max_new_tokens=self.cfg.rollout.max_new_tokens, eos_token_ids=self.eos,
+        return generate(self.ddp, ids, mask, continuations=self.shape.continuations(sampling),
+                        max_new_tokens=r.max_new_tokens, eos_token_ids=self.eos,
                         vocab_size=self.policy.config.vocab_size,
                         seed=mix_seed(self.cfg.train.seed, self.step),
                         sample_ids=torch.tensor([uid for uid, _ in mine]),
-                        pad_token_id=self.pad,
-                        pipeline_micro_batches=self.cfg.rollout.pipeline_micro_batches)
+                        pad_token_id=self.pad, pipeline_micro_batches=r.pipeline_micro_batches)
 
-    def _items(self, mine, out) -> list[Scored]:
-        items = []
-        tokens, lengths = out.tokens.tolist(), out.lengths.tolist()  # one copy from the GPU
-        for row in range(len(tokens)):
-            uid, prompt = mine[row // 2]
-            response = tokens[row][:lengths[row]]
-            items.append(Scored(
-                uid=2 * uid + row % 2, prompt_text=prompt.text,
-                response_text=self.tokenizer.decode(response, skip_special_tokens=True),
-                prompt_ids=list(prompt.ids), response_ids=response,
-                ended_with_eos=out.finish_reason[row] == "eos"))
-        return items
-
-    def _micro_batches(self, mine, out, adv: torch.Tensor) -> tuple[list[dict], int]:
-        """Right-padded [prompt; sampled response] rows split into micro-batches, with the
-        response positions (in next-token-prediction frame), the rollout log-probs and A."""
-        sampled = range(1, out.tokens.size(0), 2)
-        tokens, lengths, log_probs = out.tokens.tolist(), out.lengths.tolist(), out.log_probs.cpu()
-        seqs = [list(mine[r // 2][1].ids) + tokens[r][:lengths[r]] for r in sampled]
-        width = max(len(s) for s in seqs)
-        n = len(seqs)
-        ids = torch.full((n, width), self.pad, dtype=torch.long)
-        mask = torch.zeros(n, width - 1)
-        rollout_lp = torch.zeros(n, width - 1)
-        for i, (r, seq) in enumerate(zip(sampled, seqs)):
-            ids[i, :len(seq)] = torch.tensor(seq)
-            start, length = len(mine[r // 2][1].ids) - 1, lengths[r]
-            mask[i, start:start + length] = 1
-            rollout_lp[i, start:start + length] = log_probs[r, :length]
-        m = self.cfg.train.micro_batch_size
-        batches = []
-        for s in range(0, n, m):
-            batches.append({
-                "input_ids": ids[s:s + m].to(self.device),
-                "position_ids": torch.arange(width).expand(min(m, n - s), width).to(self.device),
-                "loss_mask": mask[s:s + m].to(self.device),
-                "rollout_log_probs": rollout_lp[s:s + m].to(self.device),
-                "advantage": adv[s:s + m].to(self.device),
-            })
-        return batches, width
+    def _log_probs(self, output, batch, with_entropy: bool = False):
+        return vocab_parallel_log_probs(output[:, :-1], batch["input_ids"][:, 1:],
+                                        self.policy.config.vocab_size, with_entropy=with_entropy)
 
     def _reference_log_probs(self, batches, width) -> None:
-        """Adds the frozen reference's log-probs of the sampled tokens (last stage only)."""
-        vocab = self.policy.config.vocab_size
+        """The frozen reference's log-probs of the sampled tokens (last stage only)."""
 
-        def capture(output, batch):
-            lp = vocab_parallel_log_probs(output[:, :-1], batch["input_ids"][:, 1:], vocab)
-            batch["ref_log_probs"] = lp.detach()
-            return lp.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+        def record(output, batch):
+            batch["ref_log_probs"] = self._log_probs(output, batch)
 
-        with torch.no_grad():
-            self.reference.config.calculate_per_token_loss = True
-            forward_backward(self.reference, batches, capture, seq_length=width,
-                             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True)
+        forward_only(self.reference, batches, record, width, self.cfg.train.micro_batch_size)
 
-    def _loss(self, output, batch):
-        alg = self.cfg.algorithm
+    def _old_log_probs(self, batches, width) -> None:
+        """The rollout weights' log-probs, fixed before the first of several updates (PPO/GRPO
+        with more than one epoch or mini-batch, or whitened advantages)."""
+
+        def record(output, batch):
+            batch["old_log_probs"] = self._log_probs(output, batch)
+            self._advantages(batch, batch["old_log_probs"])
+
+        self.ddp.eval()  # as in the rollout
+        forward_only(self.ddp, batches, record, width, self.cfg.train.micro_batch_size)
+
+    def _advantages(self, batch: dict, old_log_probs: torch.Tensor) -> torch.Tensor:
+        """The batch's per-token advantages (and PPO's returns, for the critic), made once per
+        step from the log-probs of the weights that rolled it out."""
+        if "advantages" in batch:
+            return batch["advantages"]
         mask = batch["loss_mask"]
-        lp, entropy = vocab_parallel_log_probs(output[:, :-1], batch["input_ids"][:, 1:],
-                                               self.policy.config.vocab_size, with_entropy=True)
-        kl = None
-        kl_sum = torch.zeros((), device=lp.device)
-        if "ref_log_probs" in batch:
-            # the policy's own (training-forward) log-probs, as the official code does
-            kl = kl_penalty(lp.detach(), batch["ref_log_probs"], alg.kl_coef)
-            kl_sum = ((lp.detach() - batch["ref_log_probs"]) * mask).sum()
-        rets = returns(batch["advantage"], mask, alg.gamma, kl)
-        loss_sum, normalizer = policy_loss(lp, rets, mask, alg.loss_reduction)
+        ref = batch.get("ref_log_probs")
+        adv, rets = self.alg.token_advantages(batch["outcome"], mask, old_log_probs, ref,
+                                              batch.get("values"), self.cfg.algorithm)
+        batch["advantages"] = adv
+        if rets is not None:
+            batch["returns"] = rets
+        kl = ((old_log_probs - ref) * mask).sum() if ref is not None else mask.sum() * 0
         # rollout (KV-cached) vs training log-probs of the same tokens: should be ~0
-        mismatch = ((lp.detach() - batch["rollout_log_probs"]).abs() * mask).sum()
-        stats = torch.stack([mask.sum(), (entropy * mask).sum(), kl_sum, loss_sum.detach(),
-                             normalizer.float(), mismatch])
-        self._train_stats = self._train_stats + stats.detach().cpu()
-        return loss_sum, normalizer.round().to(torch.int), {}
+        mismatch = ((old_log_probs - batch["rollout_log_probs"]).abs() * mask).sum()
+        self._experience += torch.stack([mask.sum(), kl, mismatch, (adv * mask).sum(),
+                                         (adv ** 2 * mask).sum()]).detach().cpu()
+        return adv
 
-    def _grads_finite(self) -> bool:
-        bad = torch.zeros((), device=self.device)
-        for buffer in self.ddp.buffers:
-            if not torch.isfinite(buffer.grad_data).all():
-                bad.fill_(1.0)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0
-
-    def train_step(self) -> dict:
+    def _whiten(self, batches) -> None:
+        """Advantages to zero mean and unit std over this step's tokens on all dp ranks."""
         from megatron.core import parallel_state as ps
 
-        cfg = self.cfg
+        tokens, _, _, total, total_sq = self._experience.tolist()
+        stats = torch.tensor([tokens, total, total_sq], dtype=torch.float64, device=self.device)
+        dist.all_reduce(stats, group=ps.get_data_parallel_group())
+        tokens, total, total_sq = stats.tolist()
+        mean = total / max(tokens, 1.0)
+        std = max(total_sq / max(tokens, 1.0) - mean ** 2, 0.0) ** 0.5
+        for batch in batches:
+            if "advantages" in batch:
+                batch["advantages"] = whiten(batch["advantages"], batch["loss_mask"], mean, std)
+
+    def _loss(self, output, batch):
+        mask = batch["loss_mask"]
+        lp, entropy = self._log_probs(output, batch, with_entropy=True)
+        # one update per rollout: the old policy is this forward's own (the ratio is exactly 1)
+        old = batch["old_log_probs"] if "old_log_probs" in batch else lp.detach()
+        adv = self._advantages(batch, old)
+        loss_sum, normalizer, clipped = self.alg.loss(lp, old, adv, mask,
+                                                      batch.get("ref_log_probs"),
+                                                      self.cfg.algorithm)
+        stats = torch.stack([mask.sum(), (entropy * mask).sum(), loss_sum.detach(),
+                             normalizer.float(), (clipped * mask).sum()])
+        self._update_stats += stats.detach().cpu()
+        return loss_sum, normalizer.round().to(torch.int), {}
+
+    def train_step(self) -> dict:
+        """One step for whatever algorithm: rollout, rewards, advantages, update(s)."""
+        from megatron.core import parallel_state as ps
+
+        cfg, alg, mbs = self.cfg, self.cfg.algorithm, self.cfg.train.micro_batch_size
         start = time.time()
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        batch = self.loader.next_batch()
-        mine = share_of(batch, dp_rank, dp)
+        mine = share_of(self.loader.next_batch(), dp_rank, dp)
 
         out = self._rollout(mine)
         t_rollout = time.time()
-        rewards = _agreed(lambda: self.reward.score(self._items(mine, out)))
-        r_greedy, r_sampled = rewards[0::2], rewards[1::2]
-        adv = advantage(r_sampled, r_greedy, cfg.algorithm.clip_advantage)
+        rewards = _agreed(lambda: self.reward.score(
+            reward_items(self.shape, mine, out, self.tokenizer)))
+        sampled, greedy = split_rewards(self.shape, rewards)
+        outcome = self.alg.sequence_advantages(sampled, greedy, alg)
         t_reward = time.time()
 
-        batches, width = self._micro_batches(mine, out, adv)
+        batches, width = micro_batches(self.shape, mine, out, outcome, self.pad, mbs, self.device)
+        self._experience = torch.zeros(len(EXPERIENCE_STATS))
+        self._update_stats = torch.zeros(len(UPDATE_STATS))
+        critic_seconds = 0.0
+        if self.critic is not None:
+            self.critic.stats.zero_()
+            tick = time.time()
+            self.critic.values(batches, width, mbs)
+            critic_seconds += time.time() - tick
         if self.reference is not None:
             self._reference_log_probs(batches, width)
-        self._train_stats = torch.zeros(len(TRAIN_STATS))
-        self.ddp.train()
-        # After a step megatron's fp32 optimizer leaves param.grad aliased to the DDP grad
-        # buffer; the next backward would then add the first micro-batch's gradient twice.
-        self.optimizer.zero_grad()
-        forward_backward(self.ddp, batches, self._loss, seq_length=width,
-                         micro_batch_size=cfg.train.micro_batch_size)
-        applied, grad_norm = False, float("nan")
-        if self.dtype == torch.float16 or self._grads_finite():
-            # fp16: megatron's loss scaler finds overflows itself (and lowers the scale)
-            applied, grad_norm, _ = self.optimizer.step()
-        if applied:
+        if alg.updates_per_step > 1 or alg.whiten_advantages:
+            self._old_log_probs(batches, width)
+            if alg.whiten_advantages:
+                self._whiten(batches)
+        policy, critic = [], []
+        fp16 = self.dtype == torch.float16
+        for _ in range(alg.ppo_epochs or 1):
+            for mini in mini_batches(batches, alg.mini_batches or 1):
+                policy.append(update(self.ddp, self.optimizer, mini, self._loss, width, mbs, fp16))
+                if self.critic is not None:
+                    tick = time.time()
+                    critic.append(self.critic.update(mini, width, mbs))
+                    critic_seconds += time.time() - tick
+        if any(applied for applied, _ in policy):
             self.scheduler.step(increment=1)
-        else:
-            self.ddp.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            log.warning("step %d: non-finite loss or gradient: update skipped, weights unchanged",
-                        self.step + 1)
+        if any(applied for applied, _ in critic):
+            self.critic.scheduler.step(increment=1)
+        skipped = sum(not applied for applied, _ in policy + critic)
+        if skipped:
+            log.warning("step %d: non-finite loss or gradient: %d of %d updates skipped, their "
+                        "weights unchanged", self.step + 1, skipped, len(policy + critic))
         t_train = time.time()
         self.step += 1
-        return self._metrics(out, r_sampled, r_greedy, adv, applied, grad_norm,
-                             (start, t_rollout, t_reward, t_train))
+        return self._metrics(out, sampled, greedy, policy, critic,
+                             (start, t_rollout, t_reward, t_train, critic_seconds))
 
-    def _metrics(self, out, r_sampled, r_greedy, adv, applied, grad_norm, times) -> dict:
+    def _metrics(self, out, sampled, greedy, policy, critic, times) -> dict:
         from megatron.core import parallel_state as ps
 
         speaker = ps.get_tensor_model_parallel_rank() == 0
         rollout = torch.zeros(len(ROLLOUT_STATS))
         if speaker and ps.is_pipeline_first_stage():
-            lengths = out.lengths.float().cpu()
+            lengths = out.lengths.float().cpu().view(-1, self.shape.k)
+            first = int(self.shape.greedy)
             rollout = torch.tensor([
-                len(adv), r_sampled.sum(), r_greedy.sum(), adv.sum(), (adv ** 2).sum(),
-                lengths[1::2].sum(), lengths[0::2].sum(), lengths.sum()])
-        train = self._train_stats if speaker and ps.is_pipeline_last_stage() else \
-            torch.zeros(len(TRAIN_STATS))
-        totals = torch.cat([rollout, train]).double().to(self.device)
+                sampled.size(0), sampled.numel(), sampled.sum(), (sampled ** 2).sum(),
+                greedy.sum() if greedy is not None else 0.0, lengths[:, first:].sum(),
+                lengths[:, 0].sum() if greedy is not None else 0.0, lengths.sum()])
+        last = speaker and ps.is_pipeline_last_stage()
+        critic_stats = self.critic.stats if self.critic is not None else torch.zeros(
+            len(CRITIC_STATS))
+        train = torch.cat([self._experience, self._update_stats, critic_stats])
+        totals = torch.cat([rollout, train if last else torch.zeros_like(train)])
+        totals = totals.double().to(self.device)
         dist.all_reduce(totals)
-        start, t_rollout, t_reward, t_train = times
-        spans = torch.tensor([t_rollout - start, t_reward - t_rollout, t_train - t_reward,
-                              t_train - start, _peak_memory_gib(self.device)],
+        start, t_rollout, t_reward, t_train, t_critic = times
+        spans = torch.tensor([t_rollout - start, t_reward - t_rollout, t_critic,
+                              t_train - t_reward - t_critic, t_train - start,
+                              _peak_memory_gib(self.device)],
                              dtype=torch.float64, device=self.device)
         dist.all_reduce(spans, op=dist.ReduceOp.MAX)
-        s = dict(zip(ROLLOUT_STATS + TRAIN_STATS, totals.tolist()))
+        s = dict(zip(ROLLOUT_STATS + EXPERIENCE_STATS + UPDATE_STATS + CRITIC_STATS,
+                     totals.tolist()))
         n, tokens = max(s["n"], 1.0), max(s["tokens"], 1.0)
-        adv_mean = s["adv"] / n
-        t_roll, t_rew, t_tr, t_step, peak = spans.tolist()
-        return {
+        prompts, passes = max(s["prompts"], 1.0), max(s["pass_tokens"], 1.0)
+        adv_mean, reward_mean = s["adv"] / tokens, s["reward_sampled"] / n
+        t_roll, t_rew, t_crit, t_tr, t_step, peak = spans.tolist()
+        metrics = {
             "step": self.step,
-            "reward/sampled": s["reward_sampled"] / n,
-            "reward/greedy": s["reward_greedy"] / n,
+            "reward/sampled": reward_mean,
+            "reward/std": _std(s["reward_sampled_sq"] / n, reward_mean),
+        }
+        if self.shape.greedy:
+            metrics["reward/greedy"] = s["reward_greedy"] / prompts
+        metrics.update({
             "advantage/mean": adv_mean,
-            "advantage/std": max(s["adv_sq"] / n - adv_mean ** 2, 0.0) ** 0.5,
+            "advantage/std": _std(s["adv_sq"] / tokens, adv_mean),
             "kl": s["kl"] / tokens,
             "response_length/sampled": s["len_sampled"] / n,
-            "response_length/greedy": s["len_greedy"] / n,
-            "entropy": s["entropy"] / tokens,
+        })
+        if self.shape.greedy:
+            metrics["response_length/greedy"] = s["len_greedy"] / prompts
+        metrics.update({
+            "entropy": s["entropy"] / passes,
             "logprob_mismatch": s["logprob_mismatch"] / tokens,
             "loss": s["loss"] / max(s["normalizer"], 1.0),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": _mean_norm(policy),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "skipped": 0 if applied else 1,
-            "time/rollout": t_roll, "time/reward": t_rew, "time/train": t_tr, "time/step": t_step,
+            "skipped": sum(not applied for applied, _ in policy),
+        })
+        if self.cfg.algorithm.clip_ratio is not None:
+            metrics["clip_fraction"] = s["clipped"] / passes
+        if self.critic is not None:
+            metrics.update({
+                "critic/value_loss": s["value_loss"] / max(s["value_normalizer"], 1.0),
+                "critic/clip_fraction": s["value_clipped"] / max(s["value_tokens"], 1.0),
+                "critic/grad_norm": _mean_norm(critic),
+                "critic/lr": self.critic.optimizer.param_groups[0]["lr"],
+                "critic/skipped": sum(not applied for applied, _ in critic),
+            })
+        metrics.update({
+            "time/rollout": t_roll, "time/reward": t_rew, "time/critic": t_crit,
+            "time/train": t_tr, "time/step": t_step,
             "tokens_per_second": (s["generated_tokens"] + s["tokens"]) / max(t_step, 1e-9),
             "rollout_tokens_per_second": s["generated_tokens"] / max(t_roll, 1e-9),
             "memory/peak_gib": peak,
             "epoch": self.loader.state.epoch,
-        }
+        })
+        return metrics
 
     # --- the loop ---------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"step": self.step,
                  "loader": [self.loader.state.epoch, self.loader.state.cursor]}
+        if self.critic is not None:
+            state["critic_scheduler"] = self.critic.scheduler.state_dict()
         meta = dataclasses.replace(self.policy.meta, dtype=DTYPE_NAMES[self.dtype])
         return save_training_checkpoint(
             self.out, self.step, self.ddp, self.optimizer, self.scheduler, state, meta,
             self.policy.config, self.policy.hf_config, self.tokenizer,
-            self.cfg.checkpoint.keep_last, extra_files=self._extra_files())
+            self.cfg.checkpoint.keep_last, extra_files=self._extra_files(),
+            extra_models=self._extra_models())
 
     def _extra_files(self) -> list[Path]:
         """Files of the source checkpoint that exports need (extra EOS ids live there)."""
@@ -430,9 +487,10 @@ class Trainer:
         end = self.total_steps if stop_after is None else min(self.total_steps,
                                                               self.step + stop_after)
         if self.runtime.is_main:
-            log.info("training %s for %d steps (%d prompts per step, %d dropped as too long) "
-                     "-> %s", self.policy.meta.architecture, self.total_steps,
-                     self.cfg.train.global_batch_size, self.loader.dropped, self.out)
+            log.info("training %s with %s for %d steps (%d prompts x %d samples per step, %d "
+                     "dropped as too long) -> %s", self.policy.meta.architecture,
+                     self.cfg.algorithm.name, self.total_steps, self.cfg.train.global_batch_size,
+                     self.shape.n_samples, self.loader.dropped, self.out)
         while self.step < end:
             metrics = self.train_step()
             history.append(metrics)
@@ -446,10 +504,11 @@ class Trainer:
             plot = self.metrics.close(self.cfg.log.plot)
             if history:
                 first, last = self.metrics.history[0], self.metrics.history[-1]
-                log.info("reward of sampled responses: %.4f at step %d -> %.4f at step %d "
-                         "(greedy %.4f -> %.4f)%s", first["reward/sampled"], first["step"],
-                         last["reward/sampled"], last["step"], first["reward/greedy"],
-                         last["reward/greedy"], f"; plot: {plot}" if plot else "")
+                greedy = (f" (greedy {first['reward/greedy']:.4f} -> {last['reward/greedy']:.4f})"
+                          if "reward/greedy" in last else "")
+                log.info("reward of sampled responses: %.4f at step %d -> %.4f at step %d%s%s",
+                         first["reward/sampled"], first["step"], last["reward/sampled"],
+                         last["step"], greedy, f"; plot: {plot}" if plot else "")
         return history
 
     def close(self) -> None:
@@ -470,6 +529,16 @@ def _agreed(fn):
     if first is not None:
         raise ConfigError(first)
     return result
+
+
+def _std(mean_sq: float, mean: float) -> float:
+    return max(mean_sq - mean ** 2, 0.0) ** 0.5
+
+
+def _mean_norm(updates: list[tuple[bool, float]]) -> float:
+    """The mean gradient norm of the applied updates (NaN when none was)."""
+    norms = [norm for applied, norm in updates if applied]
+    return sum(norms) / len(norms) if norms else float("nan")
 
 
 def _peak_memory_gib(device) -> float:

@@ -1,7 +1,12 @@
-"""Multi-rank worker: the trainer's ReMax loss and gradients through megatron's schedule, on fixed
-rollouts, gathered to full tensors for comparison with a single-process plain-torch computation.
+"""Multi-rank worker: the trainer's loss and gradients (any algorithm) through megatron's schedule,
+on fixed rollouts, gathered to full tensors for comparison with a single-process plain-torch
+computation.
 
   torchrun --nproc-per-node N train_equivalence.py --ref REF.pt --report OUT.json [--tp T --pp P]
+
+The reference holds P prompts and n responses per prompt (prompt-major), each response's
+per-sequence outcome (ReMax/GRPO: its advantage, PPO: its score), the log-probs the rollout saw,
+and the frozen reference's log-probs and the critic's old values at its tokens.
 """
 
 from __future__ import annotations
@@ -21,66 +26,81 @@ from remax_megatron.rollout.engine import GenerationOutput
 from remax_megatron.training import demo
 from remax_megatron.training.config import load_config
 from remax_megatron.training.engine import forward_backward
-from remax_megatron.training.trainer import TRAIN_STATS, Trainer
+from remax_megatron.training.experience import micro_batches
+from remax_megatron.training.trainer import EXPERIENCE_STATS, UPDATE_STATS, Trainer
 from worker_io import layout_parser
 
 
-def fake_rollout(mine, ref) -> GenerationOutput:
-    """Rows [greedy, sampled] per prompt; only the sampled rows are trained on."""
-    width = max(len(ref["responses"][i]) for i, _ in mine)
-    n = len(mine)
-    tokens = torch.zeros(2 * n, width, dtype=torch.long)
-    log_probs = torch.zeros(2 * n, width)
-    lengths = torch.ones(2 * n, dtype=torch.long)
-    for j, (i, _) in enumerate(mine):
-        response = ref["responses"][i]
-        tokens[2 * j + 1, :len(response)] = torch.tensor(response)
-        log_probs[2 * j + 1, :len(response)] = torch.tensor(ref["rollout_log_probs"][i][:len(response)])
-        lengths[2 * j + 1] = len(response)
+def fake_rollout(mine, ref, shape) -> GenerationOutput:
+    """k rows per prompt ([greedy,] n sampled); only the sampled rows are trained on."""
+    n, k, first = shape.n_samples, shape.k, int(shape.greedy)
+    responses = [ref["responses"][i * n + j] for i, _ in mine for j in range(n)]
+    width = max(len(r) for r in responses)
+    rows = len(mine) * k
+    tokens = torch.zeros(rows, width, dtype=torch.long)
+    log_probs = torch.zeros(rows, width)
+    lengths = torch.ones(rows, dtype=torch.long)
+    for p, (i, _) in enumerate(mine):
+        for j in range(n):
+            row, response = p * k + first + j, ref["responses"][i * n + j]
+            tokens[row, :len(response)] = torch.tensor(response)
+            log_probs[row, :len(response)] = torch.tensor(
+                ref["rollout_log_probs"][i * n + j][:len(response)])
+            lengths[row] = len(response)
     mask = torch.arange(width)[None] < lengths[:, None]
     return GenerationOutput(tokens=tokens, response_mask=mask, lengths=lengths,
-                            finish_reason=["length"] * 2 * n, log_probs=log_probs * mask,
-                            prompt_index=torch.arange(n).repeat_interleave(2),
-                            continuation=torch.arange(2).repeat(n))
+                            finish_reason=["length"] * rows, log_probs=log_probs * mask,
+                            prompt_index=torch.arange(len(mine)).repeat_interleave(k),
+                            continuation=torch.arange(k).repeat(len(mine)))
+
+
+def put_per_token(batches, per_response: list[list[float]], key: str) -> None:
+    """Per-response values onto each batch's response positions (the loss mask's frame)."""
+    row = 0
+    for batch in batches:
+        frame = torch.zeros_like(batch["loss_mask"])
+        for r in range(frame.size(0)):
+            on = batch["loss_mask"][r].bool()
+            frame[r, on] = torch.tensor(per_response[row][:int(on.sum())])
+            row += 1
+        batch[key] = frame
 
 
 def main() -> int:
     parser = layout_parser()
     args = parser.parse_args()
     ref = torch.load(args.ref, weights_only=False)
-    alg = ref["algorithm"]
-    n = len(ref["prompts"])
+    alg = dict(ref["algorithm"])
+    n = alg.pop("n_samples")
+    prompts = [Prompt(i, "", ids) for i, ids in enumerate(ref["prompts"])]
     cfg = load_config(None, [
         f"policy.load={ref['checkpoint']}", "policy.model=null", "policy.builtin_tokenizer=false",
-        f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"train.global_batch_size={n}",
-        "train.micro_batch_size=2", f"algorithm.loss_reduction={alg['loss_reduction']}",
-        f"algorithm.gamma={alg['gamma']}", f"algorithm.kl_coef={alg['kl_coef']}",
-        f"output_dir={Path(args.report).parent / 'run'}", "log.tensorboard=false",
+        f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
+        f"train.global_batch_size={len(prompts)}", "train.micro_batch_size=2",
+        f"rollout.n_samples={n}", f"output_dir={Path(args.report).parent / 'run'}",
+        "log.tensorboard=false", *[f"algorithm.{k}={v}" for k, v in alg.items()],
     ], base=demo.config())
     trainer = Trainer(cfg)
     from megatron.core import parallel_state as ps
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    prompts = [Prompt(i, "", ids) for i, ids in enumerate(ref["prompts"])]
     mine = share_of(list(enumerate(prompts)), dp_rank, dp)
-    out = fake_rollout(mine, ref)
-    adv = torch.tensor([ref["advantages"][i] for i, _ in mine])
-    batches, width = trainer._micro_batches(mine, out, adv)
-    if alg["kl_coef"] > 0:  # the frozen reference's log-probs, aligned like the rollout's
-        rows = [i for i, _ in mine]
-        for b, batch in enumerate(batches):
-            frame = torch.zeros_like(batch["rollout_log_probs"])
-            for r in range(frame.size(0)):
-                i = rows[b * 2 + r]
-                on = batch["loss_mask"][r].bool()
-                frame[r, on] = torch.tensor(ref["ref_log_probs"][i][:int(on.sum())])
-            batch["ref_log_probs"] = frame
-    trainer._train_stats = torch.zeros(len(TRAIN_STATS))
+    out = fake_rollout(mine, ref, trainer.shape)
+    mine_responses = [i * n + j for i, _ in mine for j in range(n)]
+    outcome = torch.tensor([ref["outcomes"][r] for r in mine_responses])
+    batches, width = micro_batches(trainer.shape, mine, out, outcome, trainer.pad, 2,
+                                   trainer.device)
+    if trainer.reference is not None:
+        put_per_token(batches, [ref["ref_log_probs"][r] for r in mine_responses], "ref_log_probs")
+    if trainer.critic is not None:
+        put_per_token(batches, [ref["values"][r] for r in mine_responses], "values")
+    trainer._experience = torch.zeros(len(EXPERIENCE_STATS))
+    trainer._update_stats = torch.zeros(len(UPDATE_STATS))
     trainer.ddp.train()
     forward_backward(trainer.ddp, batches, trainer._loss, seq_length=width, micro_batch_size=2)
     grads = {name: p.main_grad.clone() for name, p in unwrap(trainer.ddp).named_parameters()}
     speaker = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage()
-    stats = trainer._train_stats if speaker else torch.zeros(len(TRAIN_STATS))
+    stats = trainer._update_stats if speaker else torch.zeros(len(UPDATE_STATS))
     dist.all_reduce(stats)
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, {
@@ -93,7 +113,7 @@ def main() -> int:
         full = {}
         for shards in stages.values():
             full.update(assemble_full(shards, trainer.policy.config.vocab_size))
-        s = dict(zip(TRAIN_STATS, stats.tolist()))
+        s = dict(zip(UPDATE_STATS, stats.tolist()))
         report = {"loss": abs(s["loss"] / s["normalizer"] - ref["expected_loss"])}
         scale = max(t.abs().max().item() for t in ref["expected_grads"].values())
         for name, want in ref["expected_grads"].items():

@@ -1,0 +1,100 @@
+"""From one rank's rollout to what the update trains on: the items a reward scores, and the
+trained responses as right-padded [prompt; response] rows in micro-batches.
+
+A rollout has k = (1 if greedy baseline) + n continuations per prompt, rows prompt-major: row r
+continues prompt r // k, and its continuation index r % k is 0 for the greedy row (ReMax) and the
+sampled ones after it. Only sampled rows are trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..reward import Scored
+from ..rollout.sampling import GREEDY, SamplingParams
+
+
+@dataclass(frozen=True)
+class RolloutShape:
+    n_samples: int  # sampled continuations per prompt
+    greedy: bool  # plus one greedy continuation first (ReMax's baseline)
+
+    @property
+    def k(self) -> int:
+        return self.n_samples + int(self.greedy)
+
+    def continuations(self, sampling: SamplingParams) -> list[SamplingParams]:
+        return [GREEDY] * int(self.greedy) + [sampling] * self.n_samples
+
+    def sampled_rows(self, prompts: int) -> list[int]:
+        """Rollout rows trained on, prompt-major (prompt p's samples are contiguous)."""
+        first = int(self.greedy)
+        return [p * self.k + c for p in range(prompts) for c in range(first, self.k)]
+
+
+def reward_items(shape: RolloutShape, mine, out, tokenizer) -> list[Scored]:
+    """One item per rollout row; its uid (sample id x k + continuation) is unique world-wide."""
+    items = []
+    tokens, lengths = out.tokens.tolist(), out.lengths.tolist()  # one copy from the GPU
+    for row in range(len(tokens)):
+        uid, prompt = mine[row // shape.k]
+        response = tokens[row][:lengths[row]]
+        items.append(Scored(
+            uid=shape.k * uid + row % shape.k, prompt_text=prompt.text,
+            response_text=tokenizer.decode(response, skip_special_tokens=True),
+            prompt_ids=list(prompt.ids), response_ids=response,
+            ended_with_eos=out.finish_reason[row] == "eos"))
+    return items
+
+
+def split_rewards(shape: RolloutShape, rewards: torch.Tensor):
+    """[B * k] rewards in row order -> (sampled [B, n], greedy [B] or None)."""
+    table = rewards.view(-1, shape.k)
+    if shape.greedy:
+        return table[:, 1:], table[:, 0]
+    return table, None
+
+
+def micro_batches(shape: RolloutShape, mine, out, outcome: torch.Tensor, pad_id: int,
+                  micro_batch_size: int, device) -> tuple[list[dict], int]:
+    """The sampled responses as right-padded [prompt; response] rows split into micro-batches.
+
+    Per row: ``loss_mask`` marks the response tokens in the next-token-prediction frame (position
+    t predicts token t + 1, so the frame is one shorter than the row), ``rollout_log_probs`` the
+    log-probs the rollout saw there, and ``outcome`` [B * n] the algorithm's per-sequence value
+    (ReMax/RLOO/GRPO: the advantage; PPO: the terminal score).
+    """
+    rows = shape.sampled_rows(len(mine))
+    tokens, lengths, log_probs = out.tokens.tolist(), out.lengths.tolist(), out.log_probs.cpu()
+    prompts = [mine[r // shape.k][1].ids for r in rows]
+    seqs = [list(p) + tokens[r][:lengths[r]] for p, r in zip(prompts, rows)]
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, width - 1)
+    rollout_lp = torch.zeros(n, width - 1)
+    for i, (r, seq, prompt) in enumerate(zip(rows, seqs, prompts)):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        start, length = len(prompt) - 1, lengths[r]
+        mask[i, start:start + length] = 1
+        rollout_lp[i, start:start + length] = log_probs[r, :length]
+    outcome = outcome.reshape(-1).float()
+    m = micro_batch_size
+    batches = []
+    for s in range(0, n, m):
+        batches.append({
+            "input_ids": ids[s:s + m].to(device),
+            "position_ids": torch.arange(width).expand(min(m, n - s), width).to(device),
+            "loss_mask": mask[s:s + m].to(device),
+            "rollout_log_probs": rollout_lp[s:s + m].to(device),
+            "outcome": outcome[s:s + m].to(device),
+        })
+    return batches, width
+
+
+def mini_batches(batches: list[dict], count: int) -> list[list[dict]]:
+    """``count`` contiguous groups of micro-batches (the config check made them divide)."""
+    per = len(batches) // count
+    return [batches[i * per:(i + 1) * per] for i in range(count)]
