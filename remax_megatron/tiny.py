@@ -105,3 +105,22 @@ def save_hf(model, tokenizer, directory: str | Path, dtype: torch.dtype | None =
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
+
+
+def build_word_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly ``vocab_size`` ids (<pad> 0, <unk> 1, "w2" ... , <eos> last):
+    any id decodes, so a randomly initialized model of a real vocabulary size (GPT-2's 50257) can
+    generate and be scored without downloading its tokenizer. Text "w5 w9" is ids [5, 9]."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    # special tokens are matched in raw text first: none may be a prefix of a word ("w1" of "w12")
+    vocab["<pad>"] = vocab.pop("w0")
+    vocab["<unk>"] = vocab.pop("w1")
+    vocab["<eos>"] = vocab.pop(f"w{vocab_size - 1}")
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,24 @@ def megatron_runtime():
     from remax_megatron.runtime.distributed import init_runtime
 
     return init_runtime(tp=1, pp=1, seed=1234)
+
+
+def full_and_resumed_runs(train_args: list[str], root: Path) -> tuple[Path, Path]:
+    """``train`` with ``train_args`` (which save a checkpoint at step 2) run twice: once straight
+    through (ROOT/full), once killed (SIGKILL) right after the step-2 checkpoint and resumed
+    (ROOT/broken). Returns the two run directories."""
+    args = ["-m", "remax_megatron", "train", *train_args]
+    full, broken = root / "full", root / "broken"
+    run_python(args + ["--output-dir", str(full)])
+    proc = subprocess.Popen([sys.executable, *args, "--output-dir", str(broken)],
+                            env=worker_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = broken / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == "step_000002"
+    run_python(args + ["--output-dir", str(broken), "--resume"])
+    return full, broken

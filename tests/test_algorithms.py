@@ -151,6 +151,19 @@ def test_clipped_surrogate_by_hand():
     assert clipped[0].tolist() == [True, False, False, True]
 
 
+def test_gaps_off_the_mask_never_overflow():
+    # a prompt / padding position may hold any log-prob: exp of its gap must not give inf * 0
+    lp = torch.tensor([[-200.0, -1.0]], requires_grad=True)
+    other = torch.tensor([[0.0, -1.0]])
+    mask = torch.tensor([[0, 1]])
+    loss, _ = clipped_surrogate(lp, other, torch.ones(1, 2), 0.2, mask)
+    kl = k3_kl(lp, other, mask)
+    total, _ = reduce(loss + kl, mask, "token_mean")
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(lp.grad).all()
+    assert math.isinf(k3_kl(lp, other)[0, 0].item())  # what the mask prevents
+
+
 def test_first_ppo_update_gradient_is_the_plain_policy_gradient():
     # one epoch, one mini-batch: pi_old is the current policy, the ratio is exactly 1
     torch.manual_seed(1)
@@ -255,6 +268,8 @@ def test_explicit_values_win_and_null_turns_a_clip_off():
     (dict(name="ppo", lam=1.5), "algorithm.lam=1.5 must be in [0, 1]"),
     (dict(name="ppo", ppo_epochs=0), "algorithm.ppo_epochs=0 must be at least 1"),
     (dict(name="grpo", clip_ratio=-0.1), "algorithm.clip_ratio=-0.1 must be > 0"),
+    (dict(kl_coef=None), "algorithm.kl_coef=null: algorithm.name=remax needs a value (its "
+                         "default is 0.0)"),
 ])
 def test_option_errors_are_one_line(kw, needle):
     with pytest.raises(ConfigError) as err:

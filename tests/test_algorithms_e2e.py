@@ -5,16 +5,10 @@ run's metrics and ends with the same policy and critic; n-sample ReMax shares on
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
-from conftest import ROOT, run_metrics, run_python, run_torchrun, same_run, worker_env
+from conftest import full_and_resumed_runs, run_metrics, run_python, run_torchrun, same_run
 from remax_megatron.convert.commands import mcore_to_hf
 
 SMALL = ["train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=4",
@@ -74,23 +68,8 @@ def test_parallel_runs_match_the_single_process_run(config, layout, single_runs,
 
 
 def test_killed_and_resumed_ppo_run_is_exact_with_the_critic(tmp_path):
-    args = [sys.executable, "-m", "remax_megatron", "train", *SMALL, *CONFIGS["ppo"],
-            "train.steps=4", "checkpoint.save_every=2"]
-    full = tmp_path / "full"
-    run_python(args[1:] + ["--output-dir", str(full)])
-
-    broken = tmp_path / "broken"
-    proc = subprocess.Popen(args + ["--output-dir", str(broken)], env=worker_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = broken / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # killed right after the step-2 checkpoint
-    proc.wait()
-    assert latest.read_text().strip() == "step_000002"
-    run_python(args[1:] + ["--output-dir", str(broken), "--resume"])
+    full, broken = full_and_resumed_runs(
+        [*SMALL, *CONFIGS["ppo"], "train.steps=4", "checkpoint.save_every=2"], tmp_path)
     same_run(run_metrics(full), run_metrics(broken), tol=0.0)
     from safetensors.torch import load_file
 

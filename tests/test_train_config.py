@@ -117,3 +117,57 @@ def test_cli_bad_config_is_one_line(tmp_path):
 ])
 def test_more_bad_values(nothing_built, override, needle):
     fails(load_config(None, [override], base=demo.config()), needle)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["algorithm.name=rloo"], "algorithm.name=rloo needs rollout.n_samples >= 2 (its baseline "
+                              "comes from the other samples), got 1"),
+    (["algorithm.name=grpo", "rollout.n_samples=1"], "algorithm.name=grpo needs rollout.n_samples"),
+    (["critic.lr=1e-5"], "critic.* is set but algorithm.name=remax trains no critic"),
+    (["algorithm.name=ppo", "critic.load=/nowhere"], "critic.load=/nowhere does not exist"),
+    (["algorithm.name=ppo", "critic.lr=-1.0"], "critic.lr=-1.0 must be >= 0"),
+    (["rollout.n_samples=3", "train.global_batch_size=8", "train.micro_batch_size=16"],
+     "each dp rank trains 8 / dp 1 x rollout.n_samples 3 = 24 sequences, not divisible by "
+     "train.micro_batch_size 16 x algorithm.mini_batches 1"),
+    (["algorithm.name=ppo", "algorithm.mini_batches=3", "train.global_batch_size=8",
+      "train.micro_batch_size=4"], "not divisible by train.micro_batch_size 4 x "
+                                   "algorithm.mini_batches 3"),
+    (["rollout.n_samples=0"], "rollout.n_samples=0 must be at least 1"),
+])
+def test_algorithm_settings_checked_before_anything_is_built(nothing_built, overrides, needle):
+    fails(load_config(None, overrides, base=demo.config()), needle)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["algorithm.name=dpo"], "algorithm.name='dpo' is unknown: use one of remax, ppo"),
+    (["algorithm.clip_ratio=0.2"], "algorithm.clip_ratio=0.2 is not an option of "
+                                   "algorithm.name=remax"),
+    (["algorithm.name=ppo", "algorithm.lam=2"], "algorithm.lam=2.0 must be in [0, 1]"),
+])
+def test_algorithm_options_fail_while_the_config_loads(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides, base=demo.config())
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_critic_from_a_reward_model_with_another_vocabulary(nothing_built, tmp_path):
+    tok = tiny.build_tokenizer(200)
+    rm = tiny.build_hf_model("LlamaForSequenceClassification", len(tok), num_hidden_layers=1)
+    ckpt = hf_to_mcore(tiny.save_hf(rm, tok, tmp_path / "hf"), tmp_path / "rm")
+    cfg = load_config(None, ["algorithm.name=ppo", f"critic.load={ckpt}"], base=demo.config())
+    fails(cfg, f"critic.load={ckpt} has a vocabulary of {len(tok)} ids, the policy "
+               f"{len(demo.tokenizer())}: the critic reads the policy's tokens")
+
+
+def test_policy_dropout_is_refused(nothing_built):
+    cfg = load_config(None, ["policy.model.hidden_dropout=0.1"], base=demo.config())
+    fails(cfg, "policy dropout (hidden_dropout=0.1, attention_dropout=0.0) must be 0")
+
+
+def test_critic_that_cannot_read_the_whole_sequence(nothing_built, tmp_path):
+    tok = demo.tokenizer()
+    rm = tiny.build_hf_model("LlamaForSequenceClassification", len(tok), num_hidden_layers=1,
+                             max_position_embeddings=32)
+    ckpt = hf_to_mcore(tiny.save_hf(rm, tok, tmp_path / "hf"), tmp_path / "rm")
+    cfg = load_config(None, ["algorithm.name=ppo", f"critic.load={ckpt}"], base=demo.config())
+    fails(cfg, "has 32 positions, fewer than data.max_prompt_length + rollout.max_new_tokens = 48")

@@ -5,19 +5,13 @@ metrics, a non-finite step that is skipped, and export of a training checkpoint 
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from conftest import ROOT, run_metrics, run_python, run_torchrun, same_run, worker_env
+from conftest import full_and_resumed_runs, run_metrics, run_python, run_torchrun, same_run
 from remax_megatron.convert.commands import mcore_to_hf
 
 # tied embeddings: at pp2 the last stage keeps its own copy, which must start and stay equal
@@ -86,23 +80,8 @@ def test_kl_to_a_reference_and_token_mean(tmp_path):
 
 
 def test_killed_and_resumed_run_logs_the_same_metrics(tmp_path):
-    args = [sys.executable, "-m", "remax_megatron", "train", *SMALL, "train.steps=4",
-            "checkpoint.save_every=2"]
-    full = tmp_path / "full"
-    run_python(args[1:] + ["--output-dir", str(full)])
-
-    broken = tmp_path / "broken"
-    proc = subprocess.Popen(args + ["--output-dir", str(broken)], env=worker_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = broken / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # killed right after the step-2 checkpoint
-    proc.wait()
-    assert latest.read_text().strip() == "step_000002"
-    run_python(args[1:] + ["--output-dir", str(broken), "--resume"])
+    full, broken = full_and_resumed_runs([*SMALL, "train.steps=4", "checkpoint.save_every=2"],
+                                         tmp_path)
     same_run(metrics(full), metrics(broken), tol=0.0)
     a = mcore_to_hf(full / "checkpoints" / "step_000004", tmp_path / "a")
     b = mcore_to_hf(broken / "checkpoints" / "step_000004", tmp_path / "b")

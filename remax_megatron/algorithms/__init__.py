@@ -23,6 +23,7 @@ from . import grpo, ppo, reinforce, remax, rloo
 from .common import REDUCTIONS
 
 ALGORITHMS = {"remax": remax, "ppo": ppo, "reinforce": reinforce, "rloo": rloo, "grpo": grpo}
+NULLABLE = ("clip_advantage", "clip_reward")  # null: no clipping
 
 
 class _Default:
@@ -79,6 +80,12 @@ class AlgorithmConfig:
         self._check()
 
     def _check(self) -> None:
+        defaults = ALGORITHMS[self.name].DEFAULTS
+        for name in defaults:
+            if getattr(self, name) is None and name not in NULLABLE:
+                raise ConfigError(f"algorithm.{name}=null: algorithm.name={self.name} needs a "
+                                  f"value (its default is {defaults[name]!r})")
+
         def check(name: str, ok, rule: str) -> None:
             value = getattr(self, name)
             if value is not None and not ok(value):

@@ -41,10 +41,14 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_coef: fl
     return kl_coef * (ref_log_probs - log_probs)
 
 
-def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
+          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Schulman's k3 estimator of KL(pi || pi_ref), per token (GRPO's KL loss term):
-    exp(ref - lp) - (ref - lp) - 1 >= 0, unbiased, zero where the two agree."""
+    exp(ref - lp) - (ref - lp) - 1 >= 0, unbiased, zero where the two agree (and off ``mask``:
+    no exp of a prompt or padding position's gap, which could overflow into inf * 0 = NaN)."""
     diff = ref_log_probs - log_probs
+    if mask is not None:
+        diff = diff * mask.to(diff.dtype)
     return torch.exp(diff) - diff - 1
 
 
@@ -69,10 +73,15 @@ def policy_gradient_loss(log_probs: torch.Tensor, weights: torch.Tensor, mask: t
 
 
 def clipped_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
-                      adv: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      adv: torch.Tensor, clip_ratio: float,
+                      mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017) per token: -min(rho A, clip(rho, 1 - eps,
-    1 + eps) A) with rho = pi / pi_old, and where the clipped term was the smaller (no gradient)."""
-    ratio = torch.exp(log_probs - old_log_probs)
+    1 + eps) A) with rho = pi / pi_old, and where the clipped term was the smaller (no gradient).
+    Off ``mask`` the ratio is 1 (no exp of a gap that could overflow)."""
+    log_ratio = log_probs - old_log_probs
+    if mask is not None:
+        log_ratio = log_ratio * mask.to(log_ratio.dtype)
+    ratio = torch.exp(log_ratio)
     adv = adv.detach()
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio) * adv

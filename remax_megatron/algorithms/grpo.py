@@ -41,8 +41,8 @@ def token_advantages(outcome, mask, old_log_probs, ref_log_probs, values, cfg):
 
 
 def loss(log_probs, old_log_probs, adv, mask, ref_log_probs, cfg):
-    per_token, clipped = clipped_surrogate(log_probs, old_log_probs, adv, cfg.clip_ratio)
+    per_token, clipped = clipped_surrogate(log_probs, old_log_probs, adv, cfg.clip_ratio, mask)
     if ref_log_probs is not None:
-        per_token = per_token + cfg.kl_loss_coef * k3_kl(log_probs, ref_log_probs)
+        per_token = per_token + cfg.kl_loss_coef * k3_kl(log_probs, ref_log_probs, mask)
     loss_sum, normalizer = reduce(per_token, mask, cfg.loss_reduction)
     return loss_sum, normalizer, clipped

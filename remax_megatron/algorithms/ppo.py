@@ -53,6 +53,6 @@ def token_advantages(outcome, mask, old_log_probs, ref_log_probs, values, cfg):
 
 
 def loss(log_probs, old_log_probs, adv, mask, ref_log_probs, cfg):
-    per_token, clipped = clipped_surrogate(log_probs, old_log_probs, adv, cfg.clip_ratio)
+    per_token, clipped = clipped_surrogate(log_probs, old_log_probs, adv, cfg.clip_ratio, mask)
     loss_sum, normalizer = reduce(per_token, mask, cfg.loss_reduction)
     return loss_sum, normalizer, clipped

@@ -37,8 +37,9 @@ class CriticSource:
 
 
 def describe_critic(load: str | None, reward_load: str | None, policy_config, policy_meta,
-                    policy_vocab: int) -> CriticSource:
-    """Resolve ``critic.load`` (None: the reward model when there is one, else the policy)."""
+                    policy_vocab: int, policy_tokenizer=None) -> CriticSource:
+    """Resolve ``critic.load`` (None: the reward model when there is one, else the policy) and
+    check that it can read the policy's tokens."""
     path = reward_load if load is None else (None if load == "policy" else load)
     if path is None:
         arch = {t: a for a, t in REWARD.items()}[policy_meta.model_type]
@@ -57,17 +58,42 @@ def describe_critic(load: str | None, reward_load: str | None, policy_config, po
             f"{what}={path} has a vocabulary of {ckpt.meta.vocab_size} ids, the policy "
             f"{policy_vocab}: the critic reads the policy's tokens, so set critic.load=policy or a "
             "reward model with the policy's tokenizer")
+    if policy_tokenizer is not None and ckpt.tokenizer_dir is not None:
+        from ..data.tokenizer import load_tokenizer
+        from ..reward.model import same_tokenizer
+
+        if not same_tokenizer(load_tokenizer(ckpt), policy_tokenizer):
+            raise ConfigError(f"{what}={path} has another tokenizer than the policy (same size, "
+                              "different ids): the critic reads the policy's tokens, so set "
+                              "critic.load=policy")
     return CriticSource(path, ckpt.config, ckpt.meta, ckpt.hf_config)
+
+
+def check_critic_fits(source: CriticSource, world_size: int, tp: int, pp: int,
+                      positions: int) -> None:
+    """The critic runs on the policy's layout and reads prompt + response."""
+    from ..runtime.layout import validate_layout
+
+    validate_layout(world_size, tp, pp, source.config, "critic")
+    limit = source.config.max_position_embeddings
+    if positions > limit:
+        raise ConfigError(f"the critic ({source.path or 'from the policy'}) has {limit} positions, "
+                          f"fewer than data.max_prompt_length + rollout.max_new_tokens = "
+                          f"{positions}: lower one, or start the critic elsewhere (critic.load)")
 
 
 class Critic:
     def __init__(self, source: CriticSource, policy, precision, settings: OptimizerSettings,
-                 warmup_steps: int, total_steps: int, clip_value: float):
+                 warmup_steps: int, total_steps: int, clip_value: float,
+                 load_weights: bool = True):
         """``policy``: the built policy (copied from when the source is the policy);
-        ``precision``: the trainer's dtype/device/Float16Module wrapper."""
+        ``precision``: the trainer's dtype/device/Float16Module wrapper; ``load_weights``
+        False when a training checkpoint is about to replace them (resume)."""
         self.source = source
         self.clip_value = clip_value
-        if source.path is not None:
+        if not load_weights:
+            model = build_reward_model(source.config, perform_initialization=False)
+        elif source.path is not None:
             model = load_model(source.path, expect_kind="reward")[0]
         else:
             model = build_reward_model(source.config, perform_initialization=False)

@@ -38,10 +38,11 @@ from .checkpointing import (
     ExtraModel, latest_checkpoint, load_training_checkpoint, save_training_checkpoint,
 )
 from .config import RunConfig, check_config, snapshot
-from .critic import CRITIC_DIR, Critic, describe_critic
+from .critic import CRITIC_DIR, Critic, check_critic_fits, describe_critic
 from .critic import STATS as CRITIC_STATS
 from .engine import OptimizerSettings, build_optimizer, build_scheduler, forward_only, update, wrap_ddp
 from .experience import RolloutShape, micro_batches, mini_batches, reward_items, split_rewards
+from .memory import format_states, model_state_bytes
 from .metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,18 @@ class Policy:
     hf_config: dict
 
 
+@dataclass
+class Experience:
+    """One step's rollout, made ready for the updates."""
+
+    batches: list  # micro-batch dicts (see experience.micro_batches), filled in by the passes
+    width: int  # their sequence length
+    out: object  # the GenerationOutput
+    sampled: torch.Tensor  # [B, n] rewards of the trained responses
+    greedy: torch.Tensor | None  # [B] rewards of the greedy responses (ReMax)
+    times: list  # start, rollout end, reward end (time.time()), seconds in the critic
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg
@@ -74,6 +87,12 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         # Everything cheap and checkable comes before any model is built.
         self.policy = self._describe_policy()
+        model = self.policy.config
+        if model.hidden_dropout or model.attention_dropout:
+            raise ConfigError(
+                f"policy dropout (hidden_dropout={model.hidden_dropout}, attention_dropout="
+                f"{model.attention_dropout}) must be 0: the update needs the log-probs of the "
+                "responses exactly as the rollout produced them")
         self.tokenizer = self._tokenizer()
         check_fits(self.tokenizer, self.policy.config.vocab_size,
                    cfg.policy.tokenizer or cfg.policy.load or "the built-in tokenizer")
@@ -88,9 +107,14 @@ class Trainer:
         self.total_steps = cfg.train.steps or max(
             1, int(cfg.train.epochs * self.loader.steps_per_epoch()))
         rule_reward = self._rule_reward()
-        critic_source = describe_critic(
-            cfg.critic.load, cfg.reward.load, self.policy.config, self.policy.meta,
-            self.policy.config.vocab_size) if self.alg.CRITIC else None
+        critic_source = None
+        if self.alg.CRITIC:
+            critic_source = describe_critic(
+                cfg.critic.load, cfg.reward.load, self.policy.config, self.policy.meta,
+                self.policy.config.vocab_size, self.tokenizer)
+            check_critic_fits(critic_source, world, cfg.parallel.tp, cfg.parallel.pp,
+                              cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
+        self.resume_from = self._checkpoint_to_resume() if resume else None
 
         self.runtime = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed,
                                     backend=cfg.parallel.backend, model=self.policy.config)
@@ -111,14 +135,15 @@ class Trainer:
                 critic_source, self.model, self._precision,
                 self._optimizer_settings(t.lr if c.lr is None else c.lr,
                                          t.min_lr if c.min_lr is None else c.min_lr),
-                t.warmup_steps, self.total_steps, cfg.algorithm.clip_value)
+                t.warmup_steps, self.total_steps, cfg.algorithm.clip_value,
+                load_weights=self.resume_from is None)
         self.reward = rule_reward or self._reward_model()
         self.eos = eos_token_ids(self.tokenizer, read_checkpoint(cfg.policy.load)
                                  if cfg.policy.load else None)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.step = 0
-        if resume:
-            self._resume()
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
         self.metrics = None
         if self.runtime.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -238,11 +263,13 @@ class Trainer:
         return [ExtraModel(CRITIC_DIR, self.critic.ddp, self.critic.optimizer, meta,
                            self.critic.source.config, self.critic.source.hf_config)]
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self) -> Path | None:
         path = latest_checkpoint(self.out)
         if path is None:
             log.warning("--resume: no checkpoint under %s, starting from step 0", self.out)
-            return
+        return path
+
+    def _resume(self, path: Path) -> None:
         state = load_training_checkpoint(path, self.ddp, self.optimizer, self.scheduler,
                                          self._extra_models())
         if self.critic is not None:
@@ -302,7 +329,7 @@ class Trainer:
         # rollout (KV-cached) vs training log-probs of the same tokens: should be ~0
         mismatch = ((old_log_probs - batch["rollout_log_probs"]).abs() * mask).sum()
         self._experience += torch.stack([mask.sum(), kl, mismatch, (adv * mask).sum(),
-                                         (adv ** 2 * mask).sum()]).detach().cpu()
+                                         (adv ** 2 * mask).sum()]).detach().double().cpu()
         return adv
 
     def _whiten(self, batches) -> None:
@@ -315,6 +342,8 @@ class Trainer:
         tokens, total, total_sq = stats.tolist()
         mean = total / max(tokens, 1.0)
         std = max(total_sq / max(tokens, 1.0) - mean ** 2, 0.0) ** 0.5
+        if std < 1e-6 * max(1.0, abs(mean)):
+            std = 1.0  # no spread to normalize: only center (dividing would amplify round-off)
         for batch in batches:
             if "advantages" in batch:
                 batch["advantages"] = whiten(batch["advantages"], batch["loss_mask"], mean, std)
@@ -333,11 +362,13 @@ class Trainer:
         self._update_stats += stats.detach().cpu()
         return loss_sum, normalizer.round().to(torch.int), {}
 
-    def train_step(self) -> dict:
-        """One step for whatever algorithm: rollout, rewards, advantages, update(s)."""
+    def make_experience(self) -> Experience:
+        """Roll out this rank's prompts, score them, and prepare everything the updates read:
+        the reference's log-probs, the critic's values, the old log-probs and advantages where
+        they must be fixed before the first update."""
         from megatron.core import parallel_state as ps
 
-        cfg, alg, mbs = self.cfg, self.cfg.algorithm, self.cfg.train.micro_batch_size
+        alg, mbs = self.cfg.algorithm, self.cfg.train.micro_batch_size
         start = time.time()
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = share_of(self.loader.next_batch(), dp_rank, dp)
@@ -351,29 +382,36 @@ class Trainer:
         t_reward = time.time()
 
         batches, width = micro_batches(self.shape, mine, out, outcome, self.pad, mbs, self.device)
-        self._experience = torch.zeros(len(EXPERIENCE_STATS))
+        self._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64)
         self._update_stats = torch.zeros(len(UPDATE_STATS))
         critic_seconds = 0.0
         if self.critic is not None:
             self.critic.stats.zero_()
-            tick = time.time()
             self.critic.values(batches, width, mbs)
-            critic_seconds += time.time() - tick
+            critic_seconds = time.time() - t_reward
         if self.reference is not None:
             self._reference_log_probs(batches, width)
         if alg.updates_per_step > 1 or alg.whiten_advantages:
             self._old_log_probs(batches, width)
             if alg.whiten_advantages:
                 self._whiten(batches)
+        return Experience(batches, width, out, sampled, greedy,
+                          [start, t_rollout, t_reward, critic_seconds])
+
+    def train_step(self) -> dict:
+        """One step of whatever algorithm: experience, then its update(s)."""
+        alg, mbs = self.cfg.algorithm, self.cfg.train.micro_batch_size
+        exp = self.make_experience()
         policy, critic = [], []
         fp16 = self.dtype == torch.float16
         for _ in range(alg.ppo_epochs or 1):
-            for mini in mini_batches(batches, alg.mini_batches or 1):
-                policy.append(update(self.ddp, self.optimizer, mini, self._loss, width, mbs, fp16))
+            for mini in mini_batches(exp.batches, alg.mini_batches or 1):
+                policy.append(update(self.ddp, self.optimizer, mini, self._loss, exp.width, mbs,
+                                     fp16))
                 if self.critic is not None:
                     tick = time.time()
-                    critic.append(self.critic.update(mini, width, mbs))
-                    critic_seconds += time.time() - tick
+                    critic.append(self.critic.update(mini, exp.width, mbs))
+                    exp.times[3] += time.time() - tick
         if any(applied for applied, _ in policy):
             self.scheduler.step(increment=1)
         if any(applied for applied, _ in critic):
@@ -384,7 +422,8 @@ class Trainer:
                         "weights unchanged", self.step + 1, skipped, len(policy + critic))
         t_train = time.time()
         self.step += 1
-        return self._metrics(out, sampled, greedy, policy, critic,
+        start, t_rollout, t_reward, critic_seconds = exp.times
+        return self._metrics(exp.out, exp.sampled, exp.greedy, policy, critic,
                              (start, t_rollout, t_reward, t_train, critic_seconds))
 
     def _metrics(self, out, sampled, greedy, policy, critic, times) -> dict:
@@ -461,6 +500,19 @@ class Trainer:
         })
         return metrics
 
+    def model_states(self) -> dict[str, dict[str, int]]:
+        """Bytes of parameters, gradients and optimizer states of every model on this rank
+        (complete once the optimizers have stepped: Adam's moments are made on the first step)."""
+        states = {"policy": model_state_bytes(self.model, self.ddp, self.optimizer)}
+        if self.critic is not None:
+            states["critic"] = model_state_bytes(self.critic.model, self.critic.ddp,
+                                                 self.critic.optimizer)
+        if self.reference is not None:
+            states["reference"] = model_state_bytes(self.reference)
+        if hasattr(self.reward, "model"):
+            states["reward_model"] = model_state_bytes(self.reward.model)
+        return states
+
     # --- the loop ---------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"step": self.step,
@@ -493,6 +545,8 @@ class Trainer:
                      self.shape.n_samples, self.loader.dropped, self.out)
         while self.step < end:
             metrics = self.train_step()
+            if not history and self.runtime.is_main:
+                log.info(format_states(self.model_states()))
             history.append(metrics)
             if self.metrics is not None:
                 self.metrics.log(metrics)

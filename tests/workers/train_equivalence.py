@@ -94,7 +94,7 @@ def main() -> int:
         put_per_token(batches, [ref["ref_log_probs"][r] for r in mine_responses], "ref_log_probs")
     if trainer.critic is not None:
         put_per_token(batches, [ref["values"][r] for r in mine_responses], "values")
-    trainer._experience = torch.zeros(len(EXPERIENCE_STATS))
+    trainer._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64)
     trainer._update_stats = torch.zeros(len(UPDATE_STATS))
     trainer.ddp.train()
     forward_backward(trainer.ddp, batches, trainer._loss, seq_length=width, micro_batch_size=2)
