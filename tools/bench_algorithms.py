@@ -134,9 +134,10 @@ def demo_config(algorithm: str, n: int, output_dir: Path, overrides: list[str]):
     from remax_megatron.training import demo
     from remax_megatron.training.config import load_config
 
+    kl = [f"algorithm.{k}={v}" for k, v in algorithm_options(algorithm, 0.0).items()]
     return load_config(None, [
-        f"algorithm.name={algorithm}", f"rollout.n_samples={n}", f"output_dir={output_dir}",
-        "log.tensorboard=false", "log.plot=false", *overrides], base=demo.config())
+        *kl, f"rollout.n_samples={n}", f"output_dir={output_dir}", "log.tensorboard=false",
+        "log.plot=false", *overrides], base=demo.config())
 
 
 def curves_worker(a) -> dict:
@@ -154,7 +155,8 @@ def curves_worker(a) -> dict:
         clock, rows = 0.0, []
         for m in history:
             clock += m["time/step"]
-            rows.append({"step": m["step"], "reward": m["reward/sampled"], "seconds": clock})
+            rows.append({"step": m["step"], "reward": m["reward/sampled"], "seconds": clock,
+                         "entropy": m["entropy"], "greedy": m.get("reward/greedy")})
         out[label] = rows
         print(f"curves: {label} {rows[0]['reward']:.3f} -> {rows[-1]['reward']:.3f}", flush=True)
     return out
@@ -261,11 +263,19 @@ def report(results: dict) -> str:
             x = results["variance"][when][label]
             row += f"{x['variance']:>16.4g}{x['relative']:>10.3g}"
         lines.append(row)
-    lines += ["", "learning on the demo task (mean reward of trained responses):",
-              f"{'algorithm':<11}{'first':>8}{'last 5':>8}{'seconds':>9}"]
+    lines += ["", "learning on the demo task (mean reward of the trained, sampled responses; the "
+              "step and seconds where its 5-step mean first reaches 0.9):",
+              f"{'algorithm':<11}{'first':>8}{'last 5':>8}{'greedy':>8}{'entropy':>9}"
+              f"{'to 0.9':>8}{'s to 0.9':>9}{'seconds':>9}"]
     for label, rows in results["curves"].items():
         last = sum(r["reward"] for r in rows[-5:]) / len(rows[-5:])
-        lines.append(f"{label:<11}{rows[0]['reward']:>8.3f}{last:>8.3f}{rows[-1]['seconds']:>9.1f}")
+        greedy = f"{rows[-1]['greedy']:>8.3f}" if rows[-1].get("greedy") is not None else f"{'-':>8}"
+        step = first_step_reaching(rows, 0.9)
+        clock = next((r["seconds"] for r in rows if r["step"] == step), None)
+        lines.append(f"{label:<11}{rows[0]['reward']:>8.3f}{last:>8.3f}{greedy}"
+                     f"{rows[-1]['entropy']:>9.3f}{step or 'never':>8}"
+                     f"{'-' if clock is None else round(clock, 1)!s:>9}"
+                     f"{rows[-1]['seconds']:>9.1f}")
     lines += ["", "ratios (targets from the issue):"]
     for name, value, target in ratios(results):
         shown = "never" if value is None else (f"{value:.3f}" if isinstance(value, float)

@@ -87,21 +87,9 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         # Everything cheap and checkable comes before any model is built.
         self.policy = self._describe_policy()
-        model = self.policy.config
-        if model.hidden_dropout or model.attention_dropout:
-            raise ConfigError(
-                f"policy dropout (hidden_dropout={model.hidden_dropout}, attention_dropout="
-                f"{model.attention_dropout}) must be 0: the update needs the log-probs of the "
-                "responses exactly as the rollout produced them")
         self.tokenizer = self._tokenizer()
-        check_fits(self.tokenizer, self.policy.config.vocab_size,
-                   cfg.policy.tokenizer or cfg.policy.load or "the built-in tokenizer")
+        self._check_policy()
         prompts = self._prompts()
-        limit = self.policy.config.max_position_embeddings
-        if cfg.data.max_prompt_length + cfg.rollout.max_new_tokens > limit:
-            raise ConfigError(
-                f"data.max_prompt_length {cfg.data.max_prompt_length} + rollout.max_new_tokens "
-                f"{cfg.rollout.max_new_tokens} exceeds the policy's {limit} positions: lower one")
         self.loader = PromptLoader(prompts, cfg.data.max_prompt_length,
                                    cfg.train.global_batch_size, cfg.train.seed, cfg.data.shuffle)
         self.total_steps = cfg.train.steps or max(
@@ -167,6 +155,21 @@ class Trainer:
         meta = CheckpointMeta(kind="policy", architecture=arch, model_type=p.model.family,
                               dtype="fp32", vocab_size=p.model.vocab_size, source="random init")
         return Policy(p.model, meta, to_hf_config(info))
+
+    def _check_policy(self) -> None:
+        cfg, model = self.cfg, self.policy.config
+        check_fits(self.tokenizer, model.vocab_size,
+                   cfg.policy.tokenizer or cfg.policy.load or "the built-in tokenizer")
+        if cfg.data.max_prompt_length + cfg.rollout.max_new_tokens > model.max_position_embeddings:
+            raise ConfigError(
+                f"data.max_prompt_length {cfg.data.max_prompt_length} + rollout.max_new_tokens "
+                f"{cfg.rollout.max_new_tokens} exceeds the policy's "
+                f"{model.max_position_embeddings} positions: lower one")
+        if model.hidden_dropout or model.attention_dropout:
+            raise ConfigError(
+                f"policy dropout (hidden_dropout={model.hidden_dropout}, attention_dropout="
+                f"{model.attention_dropout}) must be 0: the update needs the log-probs of the "
+                "responses exactly as the rollout produced them")
 
     def _tokenizer(self):
         p = self.cfg.policy
