@@ -123,8 +123,6 @@ def timing_worker(a) -> dict:
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     if torch.cuda.is_available():
         result["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    result["tokens_per_step"] = sum(r["tokens_per_second"] * r["time/step"] for r in timed) / len(
-        timed)
     trainer.close()
     return result
 

@@ -20,6 +20,11 @@ from ..config_io import ConfigError
 REDUCTIONS = ("sequence_sum", "token_mean", "sequence_mean")
 
 
+def symmetric_clip(values: torch.Tensor, limit: Optional[float]) -> torch.Tensor:
+    """``values`` clipped to [-limit, limit]; unchanged when ``limit`` is None."""
+    return values if limit is None else values.clamp(-limit, limit)
+
+
 def discounted_returns(adv: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                        kl: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token returns of a trajectory-level advantage ``adv`` [N] (official ReMax code):

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .common import clipped_surrogate, gae, kl_penalty, last_token, reduce
+from .common import clipped_surrogate, gae, kl_penalty, last_token, reduce, symmetric_clip
 
 GREEDY_BASELINE = False
 CRITIC = True
@@ -35,7 +35,7 @@ def uses_reference(cfg) -> bool:
 
 def sequence_advantages(rewards: torch.Tensor, greedy: Optional[torch.Tensor], cfg) -> torch.Tensor:
     """Not an advantage yet: the terminal score, clipped (GAE makes the advantages)."""
-    return rewards.clamp(-cfg.clip_reward, cfg.clip_reward) if cfg.clip_reward else rewards
+    return symmetric_clip(rewards, cfg.clip_reward)
 
 
 def token_rewards(score, mask, old_log_probs, ref_log_probs, cfg) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from . import remax
+from .common import symmetric_clip
 
 GREEDY_BASELINE = False
 CRITIC = False
@@ -22,4 +23,4 @@ loss = remax.loss
 
 def sequence_advantages(rewards: torch.Tensor, greedy: Optional[torch.Tensor], cfg) -> torch.Tensor:
     """A = r for every sample, clipped when configured."""
-    return rewards.clamp(-cfg.clip_advantage, cfg.clip_advantage) if cfg.clip_advantage else rewards
+    return symmetric_clip(rewards, cfg.clip_advantage)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .common import discounted_returns, kl_penalty, policy_gradient_loss
+from .common import discounted_returns, kl_penalty, policy_gradient_loss, symmetric_clip
 
 GREEDY_BASELINE = True  # one greedy continuation per prompt beside the sampled ones
 CRITIC = False
@@ -34,7 +34,7 @@ def uses_reference(cfg) -> bool:
 def sequence_advantages(rewards: torch.Tensor, greedy: Optional[torch.Tensor], cfg) -> torch.Tensor:
     """[B, n] sampled rewards, [B] greedy rewards -> A = r - r(greedy), clipped when configured."""
     adv = rewards - greedy.unsqueeze(-1)
-    return adv.clamp(-cfg.clip_advantage, cfg.clip_advantage) if cfg.clip_advantage else adv
+    return symmetric_clip(adv, cfg.clip_advantage)
 
 
 def token_advantages(outcome, mask, old_log_probs, ref_log_probs, values, cfg):

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import remax
+from .common import symmetric_clip
 
 GREEDY_BASELINE = False
 CRITIC = False
@@ -28,4 +29,4 @@ def sequence_advantages(rewards: torch.Tensor, greedy: Optional[torch.Tensor], c
     n = rewards.size(-1)
     others = (rewards.sum(-1, keepdim=True) - rewards) / (n - 1)
     adv = rewards - others
-    return adv.clamp(-cfg.clip_advantage, cfg.clip_advantage) if cfg.clip_advantage else adv
+    return symmetric_clip(adv, cfg.clip_advantage)

@@ -120,8 +120,8 @@ class Critic:
         per_token, clipped = clipped_value_loss(output[:, :-1].float(), batch["values"],
                                                 batch["returns"], self.clip_value)
         loss_sum, normalizer = reduce(per_token, mask, "token_mean")
-        self.stats += torch.stack([loss_sum.detach(), normalizer, (clipped * mask).sum(),
-                                   mask.sum()]).detach().cpu()
+        stats = torch.stack([loss_sum.detach(), normalizer, (clipped * mask).sum(), mask.sum()])
+        self.stats = self.stats.to(stats.device) + stats.detach()  # no host sync per micro-batch
         return loss_sum, normalizer.round().to(torch.int), {}
 
     def update(self, batches: list[dict], width: int, micro_batch_size: int) -> tuple[bool, float]:

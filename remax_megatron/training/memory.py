@@ -31,7 +31,7 @@ def model_state_bytes(model, ddp=None, optimizer=None) -> dict[str, int]:
     params = list(unwrap(model).parameters())
     out = {"params": _bytes(params), "grads": 0, "optimizer": 0}
     if ddp is not None:
-        out["grads"] = _bytes(b.grad_data for b in getattr(ddp, "buffers", []))
+        out["grads"] = _bytes(b.grad_data for b in ddp.buffers)
     if optimizer is not None:
         own = {p.untyped_storage().data_ptr() for p in params}
         for opt in _optimizers(optimizer):

@@ -332,7 +332,7 @@ class Trainer:
         # rollout (KV-cached) vs training log-probs of the same tokens: should be ~0
         mismatch = ((old_log_probs - batch["rollout_log_probs"]).abs() * mask).sum()
         self._experience += torch.stack([mask.sum(), kl, mismatch, (adv * mask).sum(),
-                                         (adv ** 2 * mask).sum()]).detach().double().cpu()
+                                         (adv ** 2 * mask).sum()]).detach().double()
         return adv
 
     def _whiten(self, batches) -> None:
@@ -362,7 +362,7 @@ class Trainer:
                                                       self.cfg.algorithm)
         stats = torch.stack([mask.sum(), (entropy * mask).sum(), loss_sum.detach(),
                              normalizer.float(), (clipped * mask).sum()])
-        self._update_stats += stats.detach().cpu()
+        self._update_stats += stats.detach()  # on the device: no host sync per micro-batch
         return loss_sum, normalizer.round().to(torch.int), {}
 
     def make_experience(self) -> Experience:
@@ -385,11 +385,12 @@ class Trainer:
         t_reward = time.time()
 
         batches, width = micro_batches(self.shape, mine, out, outcome, self.pad, mbs, self.device)
-        self._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64)
-        self._update_stats = torch.zeros(len(UPDATE_STATS))
+        self._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64,
+                                       device=self.device)
+        self._update_stats = torch.zeros(len(UPDATE_STATS), device=self.device)
         critic_seconds = 0.0
         if self.critic is not None:
-            self.critic.stats.zero_()
+            self.critic.stats = torch.zeros(len(CRITIC_STATS), device=self.device)
             self.critic.values(batches, width, mbs)
             critic_seconds = time.time() - t_reward
         if self.reference is not None:
@@ -433,20 +434,20 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         speaker = ps.get_tensor_model_parallel_rank() == 0
-        rollout = torch.zeros(len(ROLLOUT_STATS))
+        rollout = torch.zeros(len(ROLLOUT_STATS), dtype=torch.float64)
         if speaker and ps.is_pipeline_first_stage():
             lengths = out.lengths.float().cpu().view(-1, self.shape.k)
             first = int(self.shape.greedy)
             rollout = torch.tensor([
                 sampled.size(0), sampled.numel(), sampled.sum(), (sampled ** 2).sum(),
                 greedy.sum() if greedy is not None else 0.0, lengths[:, first:].sum(),
-                lengths[:, 0].sum() if greedy is not None else 0.0, lengths.sum()])
+                lengths[:, 0].sum() if greedy is not None else 0.0, lengths.sum()],
+                dtype=torch.float64)
         last = speaker and ps.is_pipeline_last_stage()
-        critic_stats = self.critic.stats if self.critic is not None else torch.zeros(
-            len(CRITIC_STATS))
-        train = torch.cat([self._experience, self._update_stats, critic_stats])
-        totals = torch.cat([rollout, train if last else torch.zeros_like(train)])
-        totals = totals.double().to(self.device)
+        critic_stats = (self.critic.stats if self.critic is not None
+                        else torch.zeros(len(CRITIC_STATS), device=self.device))
+        train = torch.cat([self._experience, self._update_stats.double(), critic_stats.double()])
+        totals = torch.cat([rollout.to(self.device), train if last else torch.zeros_like(train)])
         dist.all_reduce(totals)
         start, t_rollout, t_reward, t_train, t_critic = times
         spans = torch.tensor([t_rollout - start, t_reward - t_rollout, t_critic,

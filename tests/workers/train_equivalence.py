@@ -94,13 +94,14 @@ def main() -> int:
         put_per_token(batches, [ref["ref_log_probs"][r] for r in mine_responses], "ref_log_probs")
     if trainer.critic is not None:
         put_per_token(batches, [ref["values"][r] for r in mine_responses], "values")
-    trainer._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64)
-    trainer._update_stats = torch.zeros(len(UPDATE_STATS))
+    trainer._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64,
+                                      device=trainer.device)
+    trainer._update_stats = torch.zeros(len(UPDATE_STATS), device=trainer.device)
     trainer.ddp.train()
     forward_backward(trainer.ddp, batches, trainer._loss, seq_length=width, micro_batch_size=2)
     grads = {name: p.main_grad.clone() for name, p in unwrap(trainer.ddp).named_parameters()}
     speaker = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage()
-    stats = trainer._update_stats if speaker else torch.zeros(len(UPDATE_STATS))
+    stats = trainer._update_stats if speaker else torch.zeros_like(trainer._update_stats)
     dist.all_reduce(stats)
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, {
