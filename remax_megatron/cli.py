@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from .config_io import ConfigError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
+ERROR_GRACE_SECONDS = 5.0
 
 
 def _add_info(sub) -> None:
@@ -26,6 +30,10 @@ def _run_info(args) -> int:
     return 0
 
 
+LOAD_HELP = ("a remax-megatron checkpoint directory, or a training run directory, its "
+             "checkpoints/ or checkpoints/latest (the newest complete checkpoint)")
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="HF <-> megatron-core checkpoint conversion")
     verbs = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
@@ -33,15 +41,19 @@ def _add_convert(sub) -> None:
     to_mcore.add_argument("--hf", required=True, help="save_pretrained directory")
     to_mcore.add_argument("--out", required=True, help="new checkpoint directory")
     to_mcore.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                          help="parameter dtype (auto: as stored)")
-    to_mcore.add_argument("--model-type", default="auto", choices=("auto", "causal-lm", "reward"))
-    to_mcore.add_argument("--force", action="store_true", help="replace a non-empty --out")
+                          help="parameter dtype (auto: as stored) (default: %(default)s)")
+    to_mcore.add_argument("--model-type", default="auto", choices=("auto", "causal-lm", "reward"),
+                          help="auto: from config.json's architecture (default: %(default)s)")
+    to_mcore.add_argument("--force", action="store_true",
+                          help="replace a non-empty --out (default: refuse)")
     to_mcore.set_defaults(run=_run_hf_to_mcore)
     to_hf = verbs.add_parser("mcore-to-hf", help="a checkpoint (any tp/pp) -> a transformers dir")
-    to_hf.add_argument("--load", required=True, help="remax-megatron checkpoint directory")
+    to_hf.add_argument("--load", required=True, help=LOAD_HELP)
     to_hf.add_argument("--out", required=True, help="new transformers directory")
-    to_hf.add_argument("--max-shard-gib", type=float, default=2.0)
-    to_hf.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    to_hf.add_argument("--max-shard-gib", type=float, default=2.0,
+                       help="largest safetensors file in GiB (default: %(default)s)")
+    to_hf.add_argument("--force", action="store_true",
+                       help="replace a non-empty --out (default: refuse)")
     to_hf.set_defaults(run=_run_mcore_to_hf)
 
 
@@ -60,23 +72,40 @@ def _run_mcore_to_hf(args) -> int:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="KV-cached generation from a checkpoint (tp/pp/dp)")
-    p.add_argument("--load", required=True, help="remax-megatron checkpoint directory")
+    p = sub.add_parser(
+        "generate", help="KV-cached generation from a checkpoint (tp/pp/dp)",
+        description="KV-cached generation from a checkpoint, as one process or under torchrun. "
+                    "Decoding is greedy unless --temperature, --top-p or --top-k is given; then "
+                    "it samples with all three, the unset ones at temperature 1.0, top-p 1.0 and "
+                    "top-k 0 (no filtering).")
+    p.add_argument("--load", required=True, help=LOAD_HELP)
     p.add_argument("--input", required=True, help='JSONL of {"prompt": ...} or {"messages": ...}')
     p.add_argument("--output", required=True, help="JSONL written in input order")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch per dp rank")
+    p.add_argument("--greedy", action="store_true",
+                   help="greedy decoding (the default when no sampling flag is given)")
+    p.add_argument("--temperature", type=float,
+                   help="sampling temperature, > 0 (default: unset: greedy; 1.0 when another "
+                        "sampling flag is given)")
+    p.add_argument("--top-p", type=float,
+                   help="nucleus, in (0, 1] (default: unset: greedy; 1.0, no limit, when another "
+                        "sampling flag is given)")
+    p.add_argument("--top-k", type=int,
+                   help="the k likeliest tokens (default: unset: greedy; 0, no limit, when another "
+                        "sampling flag is given)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="response length limit (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: %(default)s)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; a row's samples depend only on it and the row "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="prompts per batch per dp rank (default: %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--pipeline-micro-batches", type=int, default=0,
                    help="with --pp > 1: prompt groups that follow each other through the stages "
-                        "(0: auto, the prefill in 2 x pp groups)")
+                        "(0: auto, the prefill in 2 x pp groups) (default: %(default)s)")
     p.set_defaults(run=_run_generate)
 
 
@@ -95,7 +124,16 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="ReMax training (no --config: the built-in demo)")
     p.add_argument("--config", help="run config YAML (default: the built-in demo)")
     p.add_argument("--output-dir", help="where metrics, plots and checkpoints go")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--resume", nargs="?", const="yes", default="no", choices=("yes", "auto"),
+                   metavar="auto",
+                   help="continue from the output directory's newest complete checkpoint (an "
+                        "error when there is none); --resume auto: continue if there is one, "
+                        "else start (for jobs that are requeued)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output directory that holds a previous run, removing "
+                        "that run's files (only those)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every default filled in) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.lr=1e-6 parallel.tp=2")
     p.set_defaults(run=_run_train)
@@ -109,7 +147,14 @@ def _run_train(args) -> int:
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir
                                         else [])
     cfg = load_config(args.config, overrides, base=None if args.config else demo.config())
-    trainer = Trainer(cfg, resume=args.resume)
+    if args.print_config:
+        import yaml
+
+        from .training.config import snapshot
+
+        print(yaml.safe_dump(snapshot(cfg), sort_keys=False), end="", flush=True)
+        return 0
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     try:
         trainer.run()
     finally:
@@ -122,19 +167,71 @@ def build_parser() -> argparse.ArgumentParser:
         prog="remax-megatron",
         description="ReMax RLHF on megatron-core: tensor/pipeline-parallel GPT-2 and Llama.",
     )
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the versions of remax-megatron, megatron-core, torch and "
+                             "transformers and exit")
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
+                        help="INFO (default) shows progress; WARNING only problems")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_info(sub)
     _add_convert(sub)
     _add_generate(sub)
     _add_train(sub)
+    _accept_everywhere(parser, "--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                       help="as before the verb")
     return parser
+
+
+def _accept_everywhere(parser: argparse.ArgumentParser, *flags, **options) -> None:
+    """Let a top-level option also come after any verb (SUPPRESS keeps the top-level default)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for verb_parser in action.choices.values():
+                verb_parser.add_argument(*flags, **options)
+                _accept_everywhere(verb_parser, *flags, **options)
+
+
+class _Version(argparse.Action):
+    """--version without argparse's line wrapping (and without importing torch)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line(), flush=True)
+        parser.exit()
+
+
+def _resume_flag(argv: list[str]) -> list[str]:
+    """`--resume` takes an optional `auto`; anything else after it (an override) is not its
+    value, so a bare --resume is spelled out for argparse."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--resume" and (i + 1 == len(out) or out[i + 1] != "auto"):
+            out[i] = "--resume=yes"
+    return out
+
+
+def version_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for package in ("remax-megatron", "megatron-core", "torch", "transformers"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} (not installed)")
+    return f"{parts[0]} ({', '.join(parts[1:])})"
 
 
 def main(argv: list[str] | None = None) -> int:
     from .logging_utils import setup_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(_resume_flag(sys.argv[1:] if argv is None else argv))
+    # argparse takes positionals in one run; overrides after an option (`--resume x=1`) come here
+    if getattr(args, "overrides", None) is not None:
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if e not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level)
     try:
         return args.run(args)
@@ -143,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         # input, so rank 0 speaks for all of them.
         if os.environ.get("RANK", "0") == "0":
             print(f"remax-megatron {args.verb}: error: {err}", file=sys.stderr, flush=True)
+        else:
+            # torchrun stops every rank as soon as one exits: let rank 0 print first
+            time.sleep(ERROR_GRACE_SECONDS)
         return 2
 
 

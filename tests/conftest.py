@@ -45,10 +45,8 @@ def run_python(args: list[str], timeout: float = 300, check: bool = True) -> sub
     return proc
 
 
-def run_torchrun(nproc: int, args: list[str], timeout: float = 420,
-                 check: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc ARGS`` on localhost: NCCL with a GPU per rank, else
-    gloo on the CPU (GPUs hidden: NCCL cannot put two ranks on one GPU)."""
+def torchrun_command(nproc: int, args: list[str]) -> tuple[list[str], dict]:
+    """The command line and environment of ``torchrun --nproc-per-node nproc ARGS``."""
     import torch
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -56,6 +54,14 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 420,
     env = worker_env()
     if torch.cuda.device_count() < nproc:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    return cmd, env
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: float = 420,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc ARGS`` on localhost: NCCL with a GPU per rank, else
+    gloo on the CPU (GPUs hidden: NCCL cannot put two ranks on one GPU)."""
+    cmd, env = torchrun_command(nproc, args)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
@@ -107,15 +113,29 @@ def megatron_runtime():
     return init_runtime(tp=1, pp=1, seed=1234)
 
 
-def full_and_resumed_runs(train_args: list[str], root: Path) -> tuple[Path, Path]:
+def full_and_resumed_runs(train_args: list[str], root: Path, nproc: int = 1,
+                          resume_args: tuple = ()) -> tuple[Path, Path]:
     """``train`` with ``train_args`` (which save a checkpoint at step 2) run twice: once straight
-    through (ROOT/full), once killed (SIGKILL) right after the step-2 checkpoint and resumed
-    (ROOT/broken). Returns the two run directories."""
+    through (ROOT/full), once killed (SIGKILL to the whole process group) right after the step-2
+    checkpoint and resumed with ``resume_args`` added (ROOT/broken); under torchrun with
+    ``nproc`` ranks when nproc > 1. Returns the two run directories."""
     args = ["-m", "remax_megatron", "train", *train_args]
     full, broken = root / "full", root / "broken"
-    run_python(args + ["--output-dir", str(full)])
-    proc = subprocess.Popen([sys.executable, *args, "--output-dir", str(broken)],
-                            env=worker_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+
+    def command(extra):
+        if nproc == 1:
+            return [sys.executable, *args, *extra], worker_env()
+        return torchrun_command(nproc, [*args, *extra])
+
+    def finish(extra):
+        cmd, env = command(extra)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed:\n{done.stderr[-6000:]}")
+
+    finish(["--output-dir", str(full)])
+    cmd, env = command(["--output-dir", str(broken)])
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     latest = broken / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -124,5 +144,5 @@ def full_and_resumed_runs(train_args: list[str], root: Path) -> tuple[Path, Path
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert latest.read_text().strip() == "step_000002"
-    run_python(args + ["--output-dir", str(broken), "--resume"])
+    finish(["--output-dir", str(broken), "--resume", *resume_args])
     return full, broken

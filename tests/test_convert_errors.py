@@ -167,3 +167,27 @@ def test_tool_script_is_the_same_entry(tmp_path, llama_dir):
     proc = run_python(["tools/convert_checkpoint.py", "hf-to-mcore", "--hf", str(llama_dir),
                        "--out", str(tmp_path / "out")])
     assert proc.returncode == 0 and (tmp_path / "out" / "remax_checkpoint.json").is_file()
+
+
+def test_export_of_a_training_run_directory(llama_dir, tmp_path):
+    """--load RUN: the newest complete step (not the save in progress), exported as from the
+    step itself."""
+    ckpt = hf_to_mcore(llama_dir, tmp_path / "mcore")
+    steps = tmp_path / "run" / "checkpoints"
+    for name in ("step_000002", ".step_000004.tmp"):
+        (steps / name).mkdir(parents=True)
+        for entry in ckpt.iterdir():
+            (steps / name / entry.name).symlink_to(entry)
+    (steps / "step_000002" / "trainer_state.json").write_text("{}")
+    out = mcore_to_hf(tmp_path / "run", tmp_path / "back")
+    original, exported = load_file(str(llama_dir / "model.safetensors")), \
+        load_file(str(out / "model.safetensors"))
+    assert set(original) == set(exported)
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
+
+
+def test_export_of_a_run_without_checkpoints_names_the_flag(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"^--load .*run: .*holds no complete checkpoint"):
+        mcore_to_hf(tmp_path / "run", tmp_path / "out")
+    assert_clean(tmp_path / "out")

@@ -25,6 +25,7 @@ def nothing_built(monkeypatch):
     monkeypatch.setattr(trainer_module, "init_runtime", forbidden)
     monkeypatch.setattr(trainer_module, "build_policy", forbidden)
     monkeypatch.setattr(trainer_module, "load_model", forbidden)
+    monkeypatch.setattr(trainer_module.RunDirectory, "prepare", forbidden)  # nothing written
 
 
 def fails(cfg, needle):
@@ -114,6 +115,39 @@ def test_cli_bad_config_is_one_line(tmp_path):
     ("reward.micro_batch_size=0", "reward.micro_batch_size=0 must be at least 1"),
     ("rollout.pipeline_micro_batches=-1", "rollout.pipeline_micro_batches=-1 must be >= 0"),
     ("policy.tokenizer=/nowhere", "policy.tokenizer=/nowhere is not a directory"),
+    # every number a run reads, checked for its range (NaN included)
+    ("train.lr=-1e-5", "train.lr=-1e-05 must be a number >= 0"),
+    ("train.lr=.nan", "train.lr=nan must be a number >= 0"),
+    ("train.lr=.inf", "train.lr=inf must be a number >= 0"),
+    ("train.min_lr=1.0", "train.min_lr=1.0 must be in [0, train.lr=0.01]"),
+    ("train.min_lr=-1e-3", "train.min_lr=-0.001 must be in [0, train.lr=0.01]"),
+    ("train.warmup_steps=-1", "train.warmup_steps=-1 must be >= 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be >= 0"),
+    ("train.adam_beta1=1.0", "train.adam_beta1=1.0 must be in [0, 1)"),
+    ("train.adam_beta2=-0.5", "train.adam_beta2=-0.5 must be in [0, 1)"),
+    ("train.adam_beta2=.nan", "train.adam_beta2=nan must be in [0, 1)"),
+    ("train.clip_grad=-1", "train.clip_grad=-1.0 must be >= 0 (0: no clipping)"),
+    ("train.epochs=0", "train.epochs=0.0 must be a positive number"),
+    ("train.global_batch_size=0", "train.global_batch_size=0 must be >= 1"),
+    ("train.seed=-3", "train.seed=-3 must be >= 0"),
+    ("train.steps=0", "train.steps=0 must be at least 1"),
+    ("train.dtype=bf16", "train.dtype=bf16 needs a GPU here"),
+    ("train.dtype=fp8", "train.dtype='fp8': use auto, fp32, bf16 or fp16"),
+    ("checkpoint.save_every=-2", "checkpoint.save_every=-2 must be >= 0 (0: only at the end)"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last=-1 must be >= 0 (0: keep every one)"),
+    ("log.samples_every=-1", "log.samples_every=-1 must be >= 0"),
+    ("log.samples=0", "log.samples=0 must be >= 1"),
+    ("log.eval_every=5", "log.eval_every=5 needs data.eval_path"),
+    ("log.eval_every=-5", "log.eval_every=-5 must be >= 0"),
+    ("data.eval_path=/nowhere.jsonl", "data.eval_path=/nowhere.jsonl does not exist"),
+    ("data.max_prompt_length=0", "data.max_prompt_length=0 must be at least 1"),
+    ("rollout.top_k=-1", "rollout.top_k=-1 must be >= 0"),
+    ("rollout.top_p=1.5", "rollout: top_p=1.5"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0 must be at least 1"),
+    ("reward.tp=0", "reward.tp=0 must be >= 1"),
+    ("parallel.backend=mpi", "parallel.backend='mpi': use auto, nccl or gloo"),
+    ("parallel.tp=3", "world size 1 is not divisible by tp*pp=3*1=3"),
+    ("reward.rule=nomodule_xyz:f", "reward.rule: cannot import nomodule_xyz"),
 ])
 def test_more_bad_values(nothing_built, override, needle):
     fails(load_config(None, [override], base=demo.config()), needle)
@@ -126,6 +160,9 @@ def test_more_bad_values(nothing_built, override, needle):
     (["critic.lr=1e-5"], "critic.* is set but algorithm.name=remax trains no critic"),
     (["algorithm.name=ppo", "critic.load=/nowhere"], "critic.load=/nowhere does not exist"),
     (["algorithm.name=ppo", "critic.lr=-1.0"], "critic.lr=-1.0 must be >= 0"),
+    (["algorithm.name=ppo", "critic.lr=1e-4", "critic.min_lr=1e-3"],
+     "the critic's min_lr 0.001 exceeds its lr 0.0001"),
+    (["algorithm.name=ppo", "critic.min_lr=.nan"], "critic.min_lr=nan must be >= 0"),
     (["rollout.n_samples=3", "train.global_batch_size=8", "train.micro_batch_size=16"],
      "each dp rank trains 8 / dp 1 x rollout.n_samples 3 = 24 sequences, not divisible by "
      "train.micro_batch_size 16 x algorithm.mini_batches 1"),

@@ -5,6 +5,7 @@ metrics, a non-finite step that is skipped, and export of a training checkpoint 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,11 @@ def test_kl_to_a_reference_and_token_mean(tmp_path):
     run = tmp_path / "run"
     run_torchrun(2, ["-m", "remax_megatron", "train", "--output-dir", str(run), *SMALL,
                      "parallel.pp=2", "algorithm.kl_coef=0.05", "algorithm.gamma=0.95",
-                     "algorithm.loss_reduction=token_mean", "algorithm.clip_advantage=5.0"])
+                     "algorithm.loss_reduction=token_mean", "algorithm.clip_advantage=5.0",
+                     "checkpoint.export_hf=true"])
+    # export_hf under torchrun: a single-process export of the final checkpoint
+    exported = transformers.AutoModelForCausalLM.from_pretrained(run / "hf")
+    assert exported.config.num_hidden_layers == 2
     rows = metrics(run)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 1
     assert any(abs(m["kl"]) > 1e-6 for m in rows[1:])  # they part after an update
@@ -108,6 +113,42 @@ def test_non_finite_step_is_skipped_and_leaves_weights(tmp_path):
                 "train.steps=1", "train.lr=0.0"])
     a = mcore_to_hf(run / "checkpoints" / "step_000001", tmp_path / "a")
     b = mcore_to_hf(init / "checkpoints" / "step_000001", tmp_path / "b")
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def cosine_lr(step: int, total: int, lr: float = 1e-2) -> float:
+    """The LR step ``step`` (1-based) trains with: cosine from lr to 0 over ``total`` steps, no
+    warmup (megatron's schedule; the scheduler moves on after each step)."""
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / total))
+
+
+def test_resumed_with_more_steps_follows_the_new_schedule(tmp_path):
+    full, broken = full_and_resumed_runs([*SMALL, "train.steps=4", "checkpoint.save_every=2"],
+                                         tmp_path, resume_args=("train.steps=8",))
+    # the logged LR is the one each step trained with (step 1: the full LR, no warmup)
+    assert [m["lr"] for m in metrics(full)] == pytest.approx(
+        [cosine_lr(t, 4) for t in (1, 2, 3, 4)], rel=1e-12)
+    resumed = metrics(broken)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    # steps 1-2 ran under the 4-step schedule; after the resume the 8-step one continues at step 3
+    want = [cosine_lr(t, 4) for t in (1, 2)] + [cosine_lr(t, 8) for t in range(3, 9)]
+    assert [m["lr"] for m in resumed] == pytest.approx(want, rel=1e-12)
+    same_run(metrics(full)[:2], resumed[:2], tol=0.0)
+
+
+@pytest.mark.distributed
+def test_killed_and_resumed_distributed_optimizer_run_is_exact(tmp_path):
+    # megatron's distributed optimizer cannot load its state before its first step with torch's
+    # Adam, nor copy into its fp32 main parameters with autograd on: both handled on load
+    full, broken = full_and_resumed_runs(
+        [*SMALL, "train.steps=4", "checkpoint.save_every=2", "train.use_distributed_optimizer=true"],
+        tmp_path, nproc=2)
+    same_run(metrics(full), metrics(broken), tol=0.0)
+    a = mcore_to_hf(full / "checkpoints" / "step_000004", tmp_path / "a")
+    b = mcore_to_hf(broken / "checkpoints" / "step_000004", tmp_path / "b")
     from safetensors.torch import load_file
 
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))

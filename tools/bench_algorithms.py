@@ -114,7 +114,7 @@ def timing_worker(a) -> dict:
         "log": {"tensorboard": False, "plot": False},
         "output_dir": str(Path(a.work) / a.label),
     })
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)  # a scratch directory
     rows = [trainer.train_step() for _ in range(s["warmup_steps"] + s["timed_steps"])]
     timed = rows[s["warmup_steps"]:]
     keys = ("time/step", "time/rollout", "time/reward", "time/critic", "time/train")
@@ -147,7 +147,7 @@ def curves_worker(a) -> dict:
     for label, algorithm, n in CURVES:
         cfg = demo_config(algorithm, n, Path(a.work) / "curves" / label,
                           [f"train.steps={s['curve_steps']}"])
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=True)  # scratch directories, reused by design
         history = trainer.run()
         trainer.close()
         clock, rows = 0.0, []
@@ -176,7 +176,7 @@ def variance_worker(a) -> dict:
         cfg = demo_config(algorithm, n, Path(a.work) / "variance" / label,
                           [f"train.global_batch_size={s['variance_batch']}",
                            f"train.micro_batch_size={s['variance_batch']}", *load])
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=True)  # scratch directories, reused by design
         grads = []
         for k in range(s["rollouts"]):
             trainer.loader.state = LoaderState()  # the same prompts every time

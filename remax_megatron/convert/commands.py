@@ -19,11 +19,12 @@ import torch
 
 from ..config_io import ConfigError
 from ..models.checkpoint import (
-    DTYPE_NAMES, TOKENIZER_DIR, WEIGHTS_DIR, CheckpointMeta, load_model, save_full_weights,
-    write_checkpoint_files,
+    DTYPE_NAMES, TOKENIZER_DIR, WEIGHTS_DIR, CheckpointMeta, load_model, read_checkpoint,
+    save_full_weights, write_checkpoint_files,
 )
 from ..models.config import ModelConfig
 from ..models.hf_config import HFModelInfo, from_hf_config, to_hf_config
+from ..models.locate import resolve_checkpoint
 from . import gpt2, llama, rules
 from .hf_files import (
     HFWeights, ShardedSafetensorsWriter, GENERATION_CONFIG, copy_files, directory_is_empty,
@@ -153,11 +154,14 @@ def _write_converted(weights, stored, family, info, hf_config, reward, params_dt
 
 
 def mcore_to_hf(load, out, force: bool = False, max_shard_gib: float = 2.0) -> Path:
-    """Export a remax-megatron checkpoint (converted or trained, any tp/pp) to transformers."""
+    """Export a remax-megatron checkpoint (converted or trained, any tp/pp) to transformers.
+    ``load`` may also be a training run directory, its checkpoints/ or checkpoints/latest."""
     from ..runtime.distributed import single_process_runtime
 
     out = Path(out)
     start = time.time()
+    load = resolve_checkpoint(load, "--load")
+    read_checkpoint(load)  # its one-line errors before any process group starts
     _check_out(out, force)
     with single_process_runtime():
         meta = _write_exported(load, out, max_shard_gib)

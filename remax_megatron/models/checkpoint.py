@@ -13,6 +13,7 @@ valid tp/pp, plus everything needed to rebuild the model and talk to users.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ import torch
 from ..config_io import ConfigError, atomic_write_text, from_dict, load_yaml, save_yaml
 from .builder import build_model, dtype_from_name
 from .config import ModelConfig
+from .dcp_reader import DAMAGED, check_weights, load_sharded, read_json
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +77,35 @@ def read_checkpoint(path) -> Checkpoint:
         hint = (" (it looks like a Hugging Face directory: run remax-megatron convert hf-to-mcore "
                 f"--hf {path} --out DIR first)" if (path / "config.json").is_file() else "")
         raise ConfigError(f"{path} is not a remax-megatron checkpoint: no {META_FILE}{hint}")
-    try:
-        meta = from_dict(CheckpointMeta, json.loads(meta_path.read_text()), "checkpoint")
-    except json.JSONDecodeError:
-        raise ConfigError(f"{meta_path} is not valid JSON: the checkpoint is damaged") from None
-    if meta.format_version > FORMAT_VERSION:
+    raw = read_json(meta_path)
+    version = raw.get("format_version", FORMAT_VERSION)
+    if isinstance(version, int) and version > FORMAT_VERSION:  # before its keys are checked
         raise ConfigError(f"{path} was written by a newer remax-megatron (format "
-                          f"{meta.format_version}): upgrade remax-megatron")
-    config = from_dict(ModelConfig, load_yaml(path / CONFIG_FILE), "model")
+                          f"{version}): upgrade remax-megatron")
+    meta = _from_file(CheckpointMeta, raw, meta_path, "checkpoint")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConfigError(f"{config_path} is missing: {DAMAGED}")
+    config = _from_file(ModelConfig, load_yaml(config_path), config_path, "model")
     if not (path / WEIGHTS_DIR / "metadata.json").is_file():
         raise ConfigError(f"{path}/{WEIGHTS_DIR} holds no finished dist_checkpointing weights: "
                           "the checkpoint is incomplete (an interrupted save?)")
     hf_path = path / HF_CONFIG_FILE
-    hf_config = json.loads(hf_path.read_text()) if hf_path.is_file() else None
+    hf_config = read_json(hf_path) if hf_path.is_file() else None
     return Checkpoint(path=path, meta=meta, config=config, hf_config=hf_config)
+
+
+def _from_file(cls, data: dict, path: Path, where: str):
+    """``from_dict`` with the file named in its errors (a missing key is a TypeError there)."""
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"{path} lacks {missing[0]}: {DAMAGED}")
+    try:
+        return from_dict(cls, data, where)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}: {DAMAGED}") from None
 
 
 def write_checkpoint_files(directory: Path, meta: CheckpointMeta, config: ModelConfig,
@@ -169,21 +186,21 @@ def _fit_to_param(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def load_weights(model, directory: Path) -> None:
     """Load (and reshard) dist_checkpointing weights into this rank's part of ``model``."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     from .builder import unwrap
 
     gpt = unwrap(model)
     # Transformer Engine modules add `_extra_state` (fp8 metadata, no weights): a checkpoint
-    # written without TE has none, and the weights load either way.
+    # written without TE has none, and the weights load either way. (Those entries are pickled
+    # objects: not asking for them also means torch never unpickles them.)
     state = {k: v for k, v in sharded_state_dict(gpt).items() if not k.endswith("._extra_state")}
     # Factories (SwiGLU fc1) would load into fresh halves and concatenate them into a third
     # copy; building them here makes their halves views of the parameter, loaded in place.
     in_place = [name for name, entry in state.items() if isinstance(entry, ShardedTensorFactory)]
     for name in in_place:
         state[name] = state[name].build()
-    loaded = dist_checkpointing.load(state, str(directory))
+    loaded = load_sharded(state, directory)
     for name in in_place:
         loaded.pop(name)
     result = gpt.load_state_dict(loaded, strict=False)
@@ -204,6 +221,7 @@ def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "au
     from .builder import _group_sizes
 
     ckpt = read_checkpoint(path)
+    check_weights(ckpt.path / WEIGHTS_DIR)  # damaged files fail here, before any model is built
     if expect_kind is not None and ckpt.meta.kind != expect_kind:
         raise ConfigError(f"{path} holds a {ckpt.meta.kind} model ({ckpt.meta.architecture}), "
                           f"but a {expect_kind} model is needed here")

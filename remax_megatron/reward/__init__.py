@@ -22,5 +22,7 @@ class Scored:
 class Reward:
     """``score`` is called by every rank with its own rollouts; returns [len(items)] rewards."""
 
+    collective = False  # True: every rank must call score together (a reward model)
+
     def score(self, items: list[Scored]) -> torch.Tensor:
         raise NotImplementedError

@@ -29,6 +29,8 @@ def same_tokenizer(a, b) -> bool:
 
 
 class RewardModelReward(Reward):
+    collective = True  # its forward and all_gathers span every rank
+
     def __init__(self, load: str, tp: int, pp: int, micro_batch_size: int, policy_tokenizer,
                  tokenizer_dir: str | None, contributes: bool, device,
                  dtype: torch.dtype | None = None):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,8 @@ from ..config_io import ConfigError, atomic_write_text
 from ..data.prompts import load_prompts
 from ..data.tokenizer import eos_token_ids, load_tokenizer
 from ..models.checkpoint import load_model, read_checkpoint
+from ..models.locate import resolve_checkpoint
+from ..runtime.layout import validate_layout
 from .engine import generate
 from .sampling import GREEDY, SamplingParams
 
@@ -50,13 +55,21 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 def run_generate(args: GenerateArgs) -> int:
     from megatron.core import parallel_state as ps
 
-    from ..runtime.distributed import init_runtime, shutdown
+    from ..runtime.distributed import init_runtime, read_launch_env, shutdown
 
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
-    if args.pipeline_micro_batches < 0:
-        raise ConfigError("--pipeline-micro-batches must be >= 0 (0: automatic)")
-    checkpoint = read_checkpoint(args.load)
+    # Every check a user can fail comes before the tokenizer, the process groups and the weights.
+    check_numbers(args)
+    check_output_writable(args.output)
+    if not Path(args.input).is_file():
+        raise ConfigError(f"--input {args.input} is not a file: give a JSONL file of "
+                          '{"prompt": ...} or {"messages": ...} rows')
+    load = resolve_checkpoint(args.load, "--load")
+    checkpoint = read_checkpoint(load)
+    if checkpoint.meta.is_reward:
+        raise ConfigError(f"--load {load} is a reward model ({checkpoint.meta.architecture}): "
+                          "generate needs a causal LM checkpoint")
+    # init_runtime checks this too, but only after the tokenizer has loaded
+    validate_layout(read_launch_env().world_size, args.tp, args.pp, checkpoint.config)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
     prompts = load_prompts(args.input, tokenizer)  # every rank: cheap, and errors come early
     limit = checkpoint.config.max_position_embeddings
@@ -67,7 +80,7 @@ def run_generate(args: GenerateArgs) -> int:
                               f"{limit} positions: shorten it or lower --max-new-tokens")
     runtime = init_runtime(tp=args.tp, pp=args.pp, seed=args.seed, model=checkpoint.config)
     try:
-        model, _ = load_model(args.load)
+        model, _ = load_model(load)
         model = model.to(runtime.device)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = prompts[dp_rank::dp]
@@ -108,6 +121,47 @@ def run_generate(args: GenerateArgs) -> int:
     return 0
 
 
+def check_numbers(args: GenerateArgs) -> None:
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
+    if args.pipeline_micro_batches < 0:
+        raise ConfigError("--pipeline-micro-batches must be >= 0 (0: automatic)")
+
+
+def check_output_writable(output) -> None:
+    """Fail now, not after the whole generation, when --output cannot be written."""
+    try:
+        _check_output_path(Path(output), str(output))
+    except OSError as err:  # stat itself can fail, e.g. on a name that is too long
+        raise ConfigError(f"--output {output}: cannot write there ({err.strerror}): choose a "
+                          "writable location") from None
+
+
+def _check_output_path(path: Path, output: str) -> None:
+    """Not a directory (nor a device: the final rename would replace it); the nearest existing
+    ancestor of its directory (atomic_write_text creates the rest) takes a new file."""
+    if output.endswith(os.sep) or path.is_dir():
+        raise ConfigError(f"--output {output} is a directory: give a file path, e.g. "
+                          f"{path / 'responses.jsonl'}")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"--output {output} exists and is not a regular file: give a file path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--output {output}: {parent} is a file, not a directory: choose "
+                          "another output path")
+    # A probe named like atomic_write_text's temporary file: catches read-only file systems,
+    # permissions and names that are too long.
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"--output {output}: cannot create a file in {parent} "
+                          f"({err.strerror}): choose a writable location") from None
+
+
 def sampling_from_flags(greedy: bool, temperature, top_p, top_k) -> SamplingParams:
     """--greedy, or sampling when any of --temperature / --top-p / --top-k is given (else greedy)."""
     sampling_flags = temperature is not None or top_p is not None or top_k is not None
@@ -115,5 +169,8 @@ def sampling_from_flags(greedy: bool, temperature, top_p, top_k) -> SamplingPara
         raise ConfigError("--greedy takes no --temperature / --top-p / --top-k")
     if not sampling_flags:
         return GREEDY
+    # SamplingParams checks the ranges; an infinite temperature would turn masked logits into NaN
+    if temperature is not None and not math.isfinite(temperature):
+        raise ConfigError(f"--temperature {temperature} must be a finite number > 0")
     return SamplingParams(temperature=1.0 if temperature is None else temperature,
                           top_p=1.0 if top_p is None else top_p, top_k=top_k or 0)

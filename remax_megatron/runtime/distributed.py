@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_compat
+from . import cpu_compat, lifetime
 from .layout import LayoutError, ParallelLayout, validate_layout
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def init_runtime(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = "aut
     from megatron.core import parallel_state
 
     env = read_launch_env()
+    lifetime.install()  # before megatron starts any helper process
     layout = validate_layout(env.world_size, tp, pp, model)
     backend = choose_backend(backend)
     if backend == "nccl":
@@ -171,3 +172,23 @@ def single_process_runtime(seed: int = 1234):
     finally:
         if created:
             shutdown()
+
+
+def agreed(fn):
+    """Run ``fn`` on every rank; if it raised a ConfigError on any, raise the first rank's on all
+    of them, so that no rank goes on into a collective the others have left (a rule reward or a
+    damaged file failing on one data-parallel rank must not leave the others waiting)."""
+    from ..config_io import ConfigError
+
+    error, result = None, None
+    try:
+        result = fn()
+    except ConfigError as err:
+        error = str(err)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise ConfigError(error)
+    return result

@@ -9,16 +9,21 @@
 
 Every rank writes into a temporary directory; only when all are done does rank 0 rename it
 into place and then point ``latest`` at it, so a crash while saving leaves the previous
-checkpoint as the one that loads.
+checkpoint as the one that loads. A write that fails (full disk, read-only directory) on any
+rank stops every rank with one line naming the file; the temporary directory is removed.
+
+RNG states are safetensors (rng/rank_NNNNN.safetensors: tensors, and the Python/NumPy states as
+integer tensors plus JSON), so loading them never unpickles anything.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
+import re
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,14 +32,18 @@ import torch.distributed as dist
 from ..config_io import ConfigError, atomic_write_text
 from ..models.builder import unwrap
 from ..models.checkpoint import (
-    TOKENIZER_DIR, WEIGHTS_DIR, CheckpointMeta, load_weights, save_weights, sharded_state_dict,
-    write_checkpoint_files,
+    META_FILE, TOKENIZER_DIR, WEIGHTS_DIR, CheckpointMeta, load_weights, read_checkpoint,
+    save_weights, sharded_state_dict, write_checkpoint_files,
 )
+from ..models.dcp_reader import (
+    check_weights, describe_os_error, file_error, load_sharded, one_line,
+)
+from ..runtime.distributed import agreed
+from .rng_state import RNG_DIR, restore_rng, rng_file, write_rng
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER_DIR = "optimizer"
-RNG_DIR = "rng"
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 # Fully parallel save/load of the distributed optimizer's state, reshardable in data parallelism
@@ -42,34 +51,7 @@ LATEST = "latest"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 @dataclass
@@ -85,48 +67,128 @@ class ExtraModel:
     hf_config: dict | None
 
 
+class _SaveFailed(Exception):
+    """A checkpoint write failed; ``cause`` says where and why (None on a rank that only saw
+    another rank's failure: rank 0, which prints, always has the cause)."""
+
+    def __init__(self, cause: str | None):
+        super().__init__(cause)
+        self.cause = cause
+
+
+def _agreed_write(fn) -> None:
+    """Run ``fn`` (file writes, no collectives) on every rank; a write error on any rank stops
+    all of them (all_gather: the others must not wait for it in the next collective)."""
+    error = None
+    try:
+        fn()
+    except OSError as err:
+        error = describe_os_error(err)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise _SaveFailed(first)
+
+
+def _peer_failure(err: BaseException) -> bool:
+    """What a rank sees when another rank's save failed: megatron's CheckpointException without
+    details (only the coordinator gets them), or the collective broken by a rank that left."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    if isinstance(err, CheckpointException):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("connection", "broken pipe", "peer", "gloo", "nccl"))
+
+
 def _save_model_and_optimizer(directory: Path, model, optimizer) -> None:
+    """Collective. megatron's save writes some files on rank 0 alone between its collectives: a
+    failure there cannot be agreed on (the others wait inside megatron); rank 0 then reports and
+    exits, which ends the others (torchrun stops the job; gloo sees the peer gone)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint import CheckpointException
 
-    save_weights(model, directory / WEIGHTS_DIR)
-    if dist.get_rank() == 0:
-        (directory / OPTIMIZER_DIR).mkdir(parents=True, exist_ok=True)
-    dist.barrier()  # the directory exists for every rank before any of them writes
-    dist_checkpointing.save(
-        optimizer.sharded_state_dict(sharded_state_dict(unwrap(model)),
-                                     metadata=OPTIMIZER_METADATA),
-        str(directory / OPTIMIZER_DIR))
+    # megatron's writer processes log a failed write themselves; our one line says it all
+    writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = writer_log.level
+    writer_log.setLevel(logging.CRITICAL)
+    try:
+        save_weights(model, directory / WEIGHTS_DIR)
+        dist_checkpointing.save(
+            optimizer.sharded_state_dict(sharded_state_dict(unwrap(model)),
+                                         metadata=OPTIMIZER_METADATA),
+            str(directory / OPTIMIZER_DIR))
+    except (Exception, CheckpointException) as err:
+        cause = file_error(err)
+        if cause is not None:
+            raise _SaveFailed(describe_os_error(cause)) from None
+        if dist.get_rank() != 0 and _peer_failure(err):
+            raise _SaveFailed(None) from None
+        err.add_note(f"(while saving {directory})")
+        raise
+    finally:
+        writer_log.setLevel(level)
 
 
+@torch.no_grad()  # the distributed optimizer copies into its fp32 main parameters on load
 def _load_model_and_optimizer(directory: Path, model, optimizer) -> None:
-    from megatron.core import dist_checkpointing
+    from .engine import prime_optimizer_state
 
     load_weights(model, directory / WEIGHTS_DIR)
-    opt_state = dist_checkpointing.load(
+    prime_optimizer_state(optimizer)  # megatron's load-time state dict needs Adam's 'step'
+    opt_state = load_sharded(
         optimizer.sharded_state_dict(sharded_state_dict(unwrap(model)), is_loading=True,
                                      metadata=OPTIMIZER_METADATA),
-        str(directory / OPTIMIZER_DIR))
+        directory / OPTIMIZER_DIR)
     optimizer.load_state_dict(opt_state)
+    _restore_adam_steps(optimizer, opt_state)
+
+
+def _restore_adam_steps(optimizer, opt_state) -> None:
+    """megatron's distributed optimizer with torch's Adam (no TE or apex: every CPU run) saves
+    Adam's step in its param_groups, but on load copies the live (primed, zero) per-parameter
+    step over it and leaves one tensor shared by every parameter, which Adam would advance once
+    per parameter per step. Give each parameter its own tensor holding the saved step."""
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved = [opt_state] if len(inners) == 1 else [v for _, v in sorted(opt_state.items())]
+    for inner, state in zip(inners, saved):
+        inner_state = state.get("optimizer") if isinstance(state, dict) else None
+        groups = inner_state.get("param_groups", []) if isinstance(inner_state, dict) else []
+        steps = {group["step"] for group in groups if "step" in group}
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if len(steps) != 1 or torch_optimizer is None:
+            continue  # no step in the param groups: torch's own state carried it
+        step = float(next(iter(steps)))
+        for param_state in torch_optimizer.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = torch.full_like(param_state["step"], step)
 
 
 def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
                              meta: CheckpointMeta, model_config, hf_config, tokenizer,
                              keep_last: int, extra_files=(), extra_models=()) -> Path:
-    """Collective: every rank calls it."""
+    """Collective: every rank calls it. A failed write raises the same one-line ConfigError on
+    every rank, after removing the partial directory; the checkpoints before it are untouched."""
     root = Path(root) / "checkpoints"
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f".{name}.tmp"
     rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def prepare():
+        for stale in _stale_dirs(root):  # partial saves of runs that died (one run per output_dir)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    _save_model_and_optimizer(tmp, model, optimizer)
-    for extra in extra_models:
-        _save_model_and_optimizer(tmp / extra.name, extra.model, extra.optimizer)
-    (tmp / RNG_DIR).mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
-    if rank == 0:
+        for sub in ("", *(extra.name for extra in extra_models)):
+            for part in (WEIGHTS_DIR, OPTIMIZER_DIR):
+                (tmp / sub / part).mkdir(parents=True, exist_ok=True)
+        (tmp / RNG_DIR).mkdir()
+
+    def small_files():
+        write_rng(rng_file(tmp, rank))
+        if rank != 0:
+            return
         write_checkpoint_files(tmp, CheckpointMeta(**{**asdict(meta), "step": step}),
                                model_config, hf_config)
         for extra in extra_models:
@@ -141,54 +203,226 @@ def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler,
             shutil.copy2(extra, tmp / Path(extra).name)
         state = {**trainer_state, "scheduler": scheduler.state_dict(),
                  "world_size": dist.get_world_size()}
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1) + "\n")
-    dist.barrier()
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1) + "\n")  # last: complete
+
+    try:
+        _agreed_write(lambda: prepare() if rank == 0 else None)
+        _save_model_and_optimizer(tmp, model, optimizer)
+        for extra in extra_models:
+            _save_model_and_optimizer(tmp / extra.name, extra.model, extra.optimizer)
+        _agreed_write(small_files)
+        _agreed_write(lambda: _publish(root, tmp, final) if rank == 0 else None)
+    except _SaveFailed as err:
+        removed = _remove_partial(tmp)
+        raise ConfigError(_save_failed_message(root, name, tmp, err.cause, removed)) from None
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        atomic_write_text(root / LATEST, name + "\n")
-        _prune(root, keep_last)
+        _prune(root, keep_last, step)
         log.info("saved checkpoint %s", final)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _remove_partial(tmp: Path) -> bool:
+    """Every rank removes it, for a few tries: when rank 0 failed alone inside megatron's save,
+    another rank may still be making directories in it before it blocks (the next save also
+    clears what a killed rank left). Returns whether it is gone."""
+    for attempt in range(10):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not tmp.exists():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+_STALE_DIR = re.compile(r"\.step_\d+\.(tmp|old)")
+
+
+def _stale_dirs(root: Path) -> list[Path]:
+    """The .step_N.tmp / .step_N.old directories only this module makes."""
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir()
+            if _STALE_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the finished directory into place and point ``latest`` at it; on failure put
+    everything back as it was (the caller removes ``tmp``)."""
+    aside = root / f".{final.name}.old"
+    if final.exists():  # the same step saved again (a resumed run that had already ended)
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)
+    try:
+        tmp.rename(final)
+        try:
+            atomic_write_text(root / LATEST, final.name + "\n")
+        except OSError:
+            final.rename(tmp)
+            raise
+    except OSError:
+        if aside.exists() and not final.exists():
+            aside.rename(final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _save_failed_message(root: Path, name: str, tmp: Path, cause: str | None,
+                         removed: bool) -> str:
+    what = f"could not write {cause}" if cause else "another rank could not write its part"
+    good = _last_good(root)
+    kept = (f"the last good checkpoint {good} is intact" if good is not None
+            else "there is no earlier checkpoint")
+    cleaned = f"{tmp.name} was removed" if removed else f"delete {tmp} by hand"
+    then = "then --resume continues from it" if good is not None else "then run again"
+    return (f"checkpoint {name} not saved: {what}; {kept} and {cleaned}: free disk space or "
+            f"make {root} writable, {then}")
+
+
+def _last_good(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names if complete, else the newest complete one."""
+    try:
+        name = (root / LATEST).read_text().strip()
+        if _STEP_DIR.fullmatch(name) and (root / name / STATE_FILE).is_file():
+            return root / name
+    except (OSError, UnicodeDecodeError):
+        pass
+    done = _complete_steps(root)
+    return done[-1][1] if done else None
+
+
+def _complete_steps(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of the complete step_N directories, by step: trainer_state.json is
+    written last, so it marks a finished save."""
+    found = []
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        return []
+    for child in children:
+        match = _STEP_DIR.fullmatch(child.name)
+        if match and child.is_dir() and not child.is_symlink() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _prune(root: Path, keep_last: int, saved_step: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints up to the one just saved. Only
+    step_<digits> directories are candidates (never a user's own); never the one just saved or
+    the one ``latest`` names; never a higher step than this save (another run's, e.g. before a
+    restart from an earlier checkpoint)."""
     if keep_last < 1:
         return
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        pinned = {(root / LATEST).read_text().strip(), f"step_{saved_step:06d}"}
+    except (OSError, UnicodeDecodeError):
+        pinned = {f"step_{saved_step:06d}"}
+    mine = [(step, path) for step, path in _complete_steps(root) if step <= saved_step]
+    for _, old in mine[:-keep_last]:
+        if old.name not in pinned:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    pointer = Path(output_dir) / "checkpoints" / LATEST
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"{pointer} names {path.name}, which is incomplete: delete {pointer} "
-                          "to start over or point it at a complete step_* directory")
-    return path
+def check_training_checkpoint(path: Path, model_config=None, extra_configs=None) -> dict:
+    """Everything about a training checkpoint that can be checked before a model is built:
+    trainer_state.json, the policy's metadata and config, every weights and optimizer directory
+    (present, indexes readable, shards long enough, nothing to unpickle), and, when given, that
+    the saved model configs equal this run's (``extra_configs``: {subdirectory: ModelConfig}).
+    One-line ConfigErrors that name the file and, for a resume, the checkpoint to use instead.
+    Returns the trainer state."""
+    path = Path(path)
+    parts = {"": model_config, **(extra_configs or {})}
+    saved = {}
+    try:
+        state = read_trainer_state(path)
+        for sub in (p.name for p in sorted(path.iterdir()) if (p / META_FILE).is_file()):
+            parts.setdefault(sub, None)  # a critic/ this run may not use: check it anyway
+        for sub in parts:
+            if sub and not (path / sub).is_dir():
+                continue  # load_training_checkpoint says what a missing critic/ means
+            saved[sub] = read_checkpoint(path / sub)
+            check_weights(path / sub / WEIGHTS_DIR)
+            check_weights(path / sub / OPTIMIZER_DIR)
+    except ConfigError as err:  # damaged: an earlier checkpoint may do
+        raise ConfigError(f"{err}{_instead(path)}") from None
+    for sub, expected in parts.items():
+        if expected is not None and sub in saved:
+            _same_model(saved[sub].path, saved[sub].config, expected, sub or "policy")
+    return state
+
+
+def _same_model(path: Path, saved, expected, what: str) -> None:
+    from ..models.checkpoint import CONFIG_FILE
+
+    diffs = [(f.name, getattr(saved, f.name), getattr(expected, f.name)) for f in fields(saved)
+             if f.name != "init_method_std" and getattr(saved, f.name) != getattr(expected, f.name)]
+    if diffs:
+        key, was, now = diffs[0]
+        more = f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else ""
+        raise ConfigError(f"{path / CONFIG_FILE} has {key}={was!r} but this run's {what} has "
+                          f"{key}={now!r}{more}: resume with the model settings the checkpoint "
+                          "was saved with, or start a new output_dir")
+
+
+def _instead(path: Path) -> str:
+    """For a resume: the newest complete checkpoint before ``path`` (and how to use it)."""
+    root = path.parent
+    earlier = [p for step, p in _complete_steps(root) if p != path]
+    if not earlier or not (root / LATEST).exists():
+        return ""
+    return f" (to resume from {earlier[-1].name} instead, write that name into {root / LATEST})"
 
 
 def load_training_checkpoint(path: Path, model, optimizer, scheduler, extra_models=()) -> dict:
-    """Restore model, optimizer, scheduler, extra models (by name) and (same world size) RNG;
-    returns the trainer state."""
+    """Restore model, optimizer, scheduler (unless None), extra models (by name) and (same world
+    size) RNG; returns the trainer state."""
     path = Path(path)
-    state = json.loads((path / STATE_FILE).read_text())
+    # the models were built from this run's config: each must be the one saved (a vocabulary
+    # change would otherwise load: megatron lets embedding rows differ, for padding)
+    built = {"": getattr(unwrap(model), "model_config", None)}
+    built.update({extra.name: getattr(unwrap(extra.model), "model_config", None)
+                  for extra in extra_models})
+    state = agreed(lambda: check_training_checkpoint(
+        path, built[""], {name: config for name, config in built.items() if name}))
     _load_model_and_optimizer(path, model, optimizer)
     for extra in extra_models:
         if not (path / extra.name / WEIGHTS_DIR).is_dir():
             raise ConfigError(f"{path} has no {extra.name}/: it was written by a run without a "
                               f"{extra.name}, so this run cannot resume from it")
         _load_model_and_optimizer(path / extra.name, extra.model, extra.optimizer)
-    scheduler.load_state_dict(state["scheduler"])
-    rng = path / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
-    if state.get("world_size") == dist.get_world_size() and rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    else:
-        log.warning("resuming on %d ranks from a checkpoint of %s: RNG streams restart",
-                    dist.get_world_size(), state.get("world_size"))
+    if scheduler is not None:  # None: the caller rebuilds the schedule from its config
+        scheduler.load_state_dict(state["scheduler"])
+    warning = agreed(lambda: restore_rng(path, state.get("world_size")))
+    if warning:
+        log.warning(warning)
     return state
+
+
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json (step, data position, schedule, settings)."""
+    state_file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{state_file} cannot be read ({one_line(err)}): the checkpoint is "
+                          "damaged; resume from an earlier one (point checkpoints/latest at "
+                          "it)") from None
+    problem = _state_problem(state)
+    if problem:
+        raise ConfigError(f"{state_file} {problem}: the checkpoint is damaged; resume from an "
+                          "earlier one (point checkpoints/latest at it)")
+    return state
+
+
+def _state_problem(state) -> str | None:
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a JSON object"
+    checks = {"step": lambda v: isinstance(v, int) and v >= 0,
+              "loader": lambda v: isinstance(v, list) and len(v) == 2
+              and all(isinstance(x, int) for x in v),
+              "scheduler": lambda v: isinstance(v, dict)}
+    for key, ok in checks.items():
+        if key not in state:
+            return f"lacks {key!r}"
+        if not ok(state[key]):
+            return f"has an invalid {key!r} ({json.dumps(state[key])[:60]})"
+    return None

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..algorithms import AlgorithmConfig
 from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ..models.config import ModelConfig
@@ -44,6 +46,7 @@ class DataConfig:
     builtin: bool = False  # the demo's built-in prompts
     max_prompt_length: int = 256  # longer prompts are dropped (and counted)
     shuffle: bool = True
+    eval_path: Optional[str] = None  # held-out prompts (same formats), scored with greedy decoding
 
 
 @dataclass
@@ -96,12 +99,16 @@ class LogConfig:
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     plot: bool = True
+    samples_every: int = 10  # steps between sample printouts (and samples.jsonl rows); 0: never
+    samples: int = 2  # prompts shown each time, with their greedy and sampled responses
+    eval_every: int = 0  # steps between evaluations on data.eval_path; 0: before and after only
 
 
 @dataclass
 class CheckpointConfig:
     save_every: int = 0  # steps; 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept (the newest); 0: keep every one
+    export_hf: bool = False  # also write OUTPUT/hf, a Hugging Face directory, at the end
 
 
 @dataclass
@@ -155,6 +162,9 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("set exactly one of data.path (JSONL/parquet) or data.builtin: true")
     if cfg.data.path is not None and not Path(cfg.data.path).is_file():
         raise ConfigError(f"data.path={cfg.data.path} does not exist")
+    if cfg.data.eval_path is not None and not Path(cfg.data.eval_path).is_file():
+        raise ConfigError(f"data.eval_path={cfg.data.eval_path} does not exist")
+    _check_ranges(cfg)
     layout = validate_layout(world_size, cfg.parallel.tp, cfg.parallel.pp, p.model, "policy")
     validate_layout(world_size, cfg.reward.tp, cfg.reward.pp, None, "reward model")
     for name, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
@@ -184,6 +194,43 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
     if t.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.dtype={t.dtype!r}: use auto, fp32, bf16 or fp16")
     _check_algorithm(cfg)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """The range of every number a run reads (NaN fails every comparison, so it is caught)."""
+    t, c, lg = cfg.train, cfg.checkpoint, cfg.log
+    inf = float("inf")
+    rules = [
+        ("train.lr", t.lr, 0 <= t.lr < inf, "a number >= 0"),
+        ("train.min_lr", t.min_lr, 0 <= t.min_lr <= t.lr, f"in [0, train.lr={t.lr:g}]"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("train.weight_decay", t.weight_decay, 0 <= t.weight_decay < inf, ">= 0"),
+        ("train.adam_beta1", t.adam_beta1, 0 <= t.adam_beta1 < 1, "in [0, 1)"),
+        ("train.adam_beta2", t.adam_beta2, 0 <= t.adam_beta2 < 1, "in [0, 1)"),
+        ("train.clip_grad", t.clip_grad, 0 <= t.clip_grad < inf, ">= 0 (0: no clipping)"),
+        ("train.epochs", t.epochs, 0 < t.epochs < inf, "a positive number"),
+        ("train.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
+        ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+        ("checkpoint.save_every", c.save_every, c.save_every >= 0, ">= 0 (0: only at the end)"),
+        ("checkpoint.keep_last", c.keep_last, c.keep_last >= 0, ">= 0 (0: keep every one)"),
+        ("log.samples_every", lg.samples_every, lg.samples_every >= 0, ">= 0 (0: never)"),
+        ("log.samples", lg.samples, lg.samples >= 1, ">= 1 (turn samples off with "
+         "log.samples_every=0)"),
+        ("log.eval_every", lg.eval_every, lg.eval_every >= 0, ">= 0"),
+        ("rollout.top_k", cfg.rollout.top_k, cfg.rollout.top_k >= 0, ">= 0 (0: off)"),
+        ("reward.tp", cfg.reward.tp, cfg.reward.tp >= 1, ">= 1"),
+        ("reward.pp", cfg.reward.pp, cfg.reward.pp >= 1, ">= 1"),
+    ]
+    for name, value, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{name}={value!r} must be {rule}")
+    if cfg.parallel.backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"parallel.backend={cfg.parallel.backend!r}: use auto, nccl or gloo")
+    if lg.eval_every and cfg.data.eval_path is None:
+        raise ConfigError(f"log.eval_every={lg.eval_every} needs data.eval_path (held-out "
+                          "prompts): set it, or remove log.eval_every")
+    if t.dtype in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise ConfigError(f"train.dtype={t.dtype} needs a GPU here: use fp32 (or auto) on CPU")
 
 
 def _check_batch_split(cfg: RunConfig, dp: int) -> None:
@@ -219,8 +266,13 @@ def _check_algorithm(cfg: RunConfig) -> None:
                           "critic: remove it (only ppo has one)")
     for name in ("lr", "min_lr"):
         value = getattr(c, name)
-        if value is not None and not value >= 0:
+        if value is not None and not 0 <= value < float("inf"):
             raise ConfigError(f"critic.{name}={value} must be >= 0")
+    lr = cfg.train.lr if c.lr is None else c.lr
+    min_lr = cfg.train.min_lr if c.min_lr is None else c.min_lr
+    if alg.CRITIC and min_lr > lr:
+        raise ConfigError(f"the critic's min_lr {min_lr:g} exceeds its lr {lr:g}: lower "
+                          "critic.min_lr (or set critic.lr)")
     if c.load not in (None, "policy") and not Path(c.load).is_dir():
         raise ConfigError(f"critic.load={c.load} does not exist: give a reward-model checkpoint, "
                           "'policy', or leave it unset")

@@ -159,3 +159,41 @@ def build_scheduler(optimizer, lr: float, min_lr: float, warmup_steps: int, tota
         lr_warmup_steps=warmup_steps, lr_decay_steps=max(total_steps, warmup_steps + 1),
         lr_decay_style="cosine", start_wd=weight_decay, end_wd=weight_decay,
         wd_incr_steps=total_steps, wd_incr_style="constant")
+
+
+# the schedule's settings as megatron stores them, with the config option each comes from
+SCHEDULE_SETTINGS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "warmup_steps",
+                     "lr_decay_steps": "decay steps (train.steps or epochs)",
+                     "start_wd": "weight_decay"}
+
+
+def restore_schedule(scheduler, saved: dict) -> list[str]:
+    """Continue ``scheduler``, built from THIS run's config, at the saved step count, so that a
+    resume with more steps or another LR follows the new schedule (megatron's own
+    load_state_dict keeps the checkpoint's settings). Returns the settings that changed."""
+    changed = [f"{label} {saved[key]:g} -> {getattr(scheduler, key):g}"
+               for key, label in SCHEDULE_SETTINGS.items()
+               if key in saved and saved[key] != getattr(scheduler, key)]
+    scheduler.num_steps = 0
+    scheduler.step(increment=saved["num_steps"])
+    return changed
+
+
+def prime_optimizer_state(optimizer) -> None:
+    """Give every parameter of the inner torch optimizers an (empty) Adam state with a step.
+
+    megatron's distributed optimizer builds its load-time state dict from the live state and,
+    with torch's Adam (no Transformer Engine or apex: every CPU run), asserts that each entry has
+    a 'step'; before the first step there is none, so a resume would fail. Loading overwrites
+    all of these values."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if torch_optimizer is None:
+            continue
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                state = torch_optimizer.state[param]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))

@@ -98,3 +98,18 @@ def mini_batches(batches: list[dict], count: int) -> list[list[dict]]:
     """``count`` contiguous groups of micro-batches (the config check made them divide)."""
     per = len(batches) // count
     return [batches[i * per:(i + 1) * per] for i in range(count)]
+
+
+def sample_rows(shape: RolloutShape, items: list[Scored], rewards: torch.Tensor,
+                count: int) -> list[dict]:
+    """The first ``count`` prompts of a rollout with their responses and rewards, for people."""
+    rows, values = [], rewards.tolist()
+    for start in range(0, min(count * shape.k, len(items)), shape.k):
+        answers = [{"response": items[i].response_text, "reward": values[i]}
+                   for i in range(start, start + shape.k)]
+        row = {"prompt": items[start].prompt_text}
+        if shape.greedy:
+            row["greedy"] = answers.pop(0)
+        row["sampled"] = answers
+        rows.append(row)
+    return rows

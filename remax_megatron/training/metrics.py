@@ -1,13 +1,23 @@
-"""Step metrics on rank 0: a progress line, DIR/metrics.jsonl (one object per step), TensorBoard
-(and W&B when configured), and at the end a PNG of the reward curves."""
+"""What a user watches, on rank 0: a progress line per step (with an ETA), DIR/metrics.jsonl (one
+object per step), sample responses (DIR/samples.jsonl), held-out evaluations (DIR/eval.jsonl),
+TensorBoard (and W&B when configured), and at the end a PNG of the reward curves."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
 
 def progress_line(m: dict, total: int) -> str:
     """One line per step; parts for what this algorithm logs (greedy baseline, critic)."""
@@ -25,7 +35,57 @@ def progress_line(m: dict, total: int) -> str:
     spans.append(f"train {m['time/train']:.1f}")
     parts += [f"{m['time/step']:.1f}s ({', '.join(spans)})",
               f"{m['tokens_per_second']:.0f} tok/s"]
+    if "eval/reward" in m:
+        parts.append(f"eval {m['eval/reward']:.4f}")
     return " | ".join(parts)
+
+
+def sample_lines(step: int, samples: list[dict]) -> list[str]:
+    """A few prompts with their responses and rewards, as log lines."""
+    lines = [f"samples at step {step}:"]
+    for number, s in enumerate(samples, start=1):
+        lines.append(f"  [{number}] prompt: {s['prompt']!r}")
+        if "greedy" in s:
+            lines.append(f"      greedy  {s['greedy']['reward']:+.4f}: {s['greedy']['response']!r}")
+        for r in s["sampled"]:
+            lines.append(f"      sampled {r['reward']:+.4f}: {r['response']!r}")
+    return lines
+
+
+def samples_markdown(samples: list[dict]) -> str:
+    """The same for TensorBoard's text tab (markdown)."""
+    rows = ["| prompt | response | kind | reward |", "| --- | --- | --- | --- |"]
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    for s in samples:
+        answers = ([("greedy", s["greedy"])] if "greedy" in s else []) + [
+            ("sampled", r) for r in s["sampled"]]
+        for kind, r in answers:
+            rows.append(f"| {cell(s['prompt'])} | {cell(r['response'])} | {kind} | "
+                        f"{r['reward']:.4f} |")
+    return "\n".join(rows)
+
+
+class JsonLines:
+    """DIR/NAME.jsonl, one object per line with a "step"; a resumed run keeps the lines up to its
+    checkpoint's step (later ones are redone), a new one starts the file empty."""
+
+    def __init__(self, path: Path, resume_from_step: int = 0):
+        self.path = path
+        self.rows = []
+        if resume_from_step and path.is_file():
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line]
+            self.rows = [row for row in kept if row["step"] <= resume_from_step]
+            path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+        elif path.exists():
+            path.unlink()  # (the run directory check let a new run start here)
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 class MetricsLogger:
@@ -34,26 +94,24 @@ class MetricsLogger:
                  resume_from_step: int = 0):
         self.dir = Path(output_dir)
         self.total = total_steps
-        self.path = self.dir / "metrics.jsonl"
-        self.history: list[dict] = []
         self.algorithm = ((config or {}).get("algorithm") or {}).get("name", "remax")
-        if resume_from_step and self.path.is_file():
-            # keep the steps the resumed checkpoint had already done; later ones are redone
-            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-            self.history = [m for m in kept if m["step"] <= resume_from_step]
-        elif self.path.exists():
-            self.path.unlink()
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
-        self.tb = self._tensorboard() if tensorboard else None
+        self.steps = JsonLines(self.dir / "metrics.jsonl", resume_from_step)
+        self.history: list[dict] = self.steps.rows
+        self.samples = JsonLines(self.dir / "samples.jsonl", resume_from_step)
+        self.evals = JsonLines(self.dir / "eval.jsonl", resume_from_step)
+        self.tb = self._tensorboard(resume_from_step) if tensorboard else None
         self.wandb = self._wandb(wandb_project, config) if wandb_project else None
+        self._clock = (time.time(), resume_from_step)  # for the ETA: this process's pace
 
-    def _tensorboard(self):
+    def _tensorboard(self, resume_from_step: int):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
             return None
-        return SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+        # a resumed run drops the events the killed run had logged after its checkpoint
+        return SummaryWriter(log_dir=str(self.dir / "tensorboard"),
+                             purge_step=resume_from_step + 1 if resume_from_step else None)
 
     def _wandb(self, project, config):
         try:
@@ -63,20 +121,48 @@ class MetricsLogger:
             return None
         return wandb.init(project=project, config=config, dir=str(self.dir))
 
+    def eta(self, step: int) -> float:
+        """Seconds left at this process's pace so far."""
+        start, first = self._clock
+        done = step - first
+        return (time.time() - start) / done * (self.total - step) if done > 0 else float("nan")
+
     def log(self, metrics: dict) -> None:
-        self.history.append(metrics)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        log.info(progress_line(metrics, self.total))
+        self.steps.append(metrics)
         step = metrics["step"]
-        for key, value in metrics.items():
-            if key != "step" and isinstance(value, (int, float)):
-                if self.tb is not None:
-                    self.tb.add_scalar(key, value, step)
-        if self.tb is not None:
-            self.tb.flush()
+        line = progress_line(metrics, self.total)
+        if step < self.total:
+            line += f" | eta {format_duration(self.eta(step))}"
+        log.info(line)
+        self._scalars(metrics, step)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def _scalars(self, values: dict, step: int) -> None:
+        if self.tb is None:
+            return
+        for key, value in values.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        for s in samples:
+            self.samples.append({"step": step, **s})
+        for line in sample_lines(step, samples):
+            log.info(line)
+        if self.tb is not None:
+            self.tb.add_text("samples", samples_markdown(samples), step)
+            self.tb.flush()
+
+    def log_eval(self, step: int, result: dict) -> None:
+        """A held-out evaluation; at step 0 (before training) it has no step metrics to join."""
+        self.evals.append({"step": step, **result})
+        log.info("eval at step %d: reward %.4f (greedy responses to %d held-out prompts), "
+                 "response length %.1f", step, result["eval/reward"], result["eval/prompts"],
+                 result["eval/response_length"])
+        if step == 0:
+            self._scalars(result, step)
 
     def close(self, plot: bool = True) -> Path | None:
         if self.tb is not None:

@@ -26,24 +26,32 @@ from ..convert.hf_files import GENERATION_CONFIG
 from ..models.builder import build_policy, dtype_from_name, unwrap
 from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_checkpoint
 from ..models.hf_config import HFModelInfo, to_hf_config
+from ..models.locate import resolve_checkpoint
 from ..models.sharding import load_full_state_dict, seeded_full_weights
 from ..ops.logprobs import vocab_parallel_log_probs
 from ..rollout.engine import generate
 from ..rollout.generate_command import left_pad
-from ..rollout.sampling import SamplingParams
-from ..runtime.distributed import init_runtime, read_launch_env, shutdown
+from ..rollout.sampling import GREEDY, SamplingParams
+from ..runtime.distributed import agreed, init_runtime, read_launch_env, shutdown
 from ..seeds import mix_seed
 from . import demo
 from .checkpointing import (
-    ExtraModel, latest_checkpoint, load_training_checkpoint, save_training_checkpoint,
+    ExtraModel, check_training_checkpoint, load_training_checkpoint, save_training_checkpoint,
 )
 from .config import RunConfig, check_config, snapshot
 from .critic import CRITIC_DIR, Critic, check_critic_fits, describe_critic
 from .critic import STATS as CRITIC_STATS
-from .engine import OptimizerSettings, build_optimizer, build_scheduler, forward_only, update, wrap_ddp
-from .experience import RolloutShape, micro_batches, mini_batches, reward_items, split_rewards
+from .engine import (
+    OptimizerSettings, build_optimizer, build_scheduler, forward_only, restore_schedule, update,
+    wrap_ddp,
+)
+from .export import HF_DIR, export_hf
+from .experience import (
+    RolloutShape, micro_batches, mini_batches, reward_items, sample_rows, split_rewards,
+)
 from .memory import format_states, model_state_bytes
 from .metrics import MetricsLogger
+from .run_dir import RunDirectory, newest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,7 @@ ROLLOUT_STATS = ("prompts", "n", "reward_sampled", "reward_sampled_sq", "reward_
 EXPERIENCE_STATS = ("tokens", "kl", "logprob_mismatch", "adv", "adv_sq")
 # every policy update pass
 UPDATE_STATS = ("pass_tokens", "entropy", "loss", "normalizer", "clipped")
+EVAL_SHAPE = RolloutShape(1, False)  # one greedy response per held-out prompt
 
 
 @dataclass
@@ -78,10 +87,13 @@ class Experience:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume=False, overwrite: bool = False):
+        """``resume``: False, True (a checkpoint must exist) or "auto"; ``overwrite``: remove a
+        previous run's files from the output directory first (see run_dir.py)."""
         self.cfg = cfg
-        world = read_launch_env().world_size
-        check_config(cfg, world)
+        launch = read_launch_env()
+        _resolve_loads(cfg)
+        check_config(cfg, launch.world_size)
         self.alg = cfg.algorithm.module
         self.shape = RolloutShape(cfg.rollout.n_samples, self.alg.GREEDY_BASELINE)
         self.out = Path(cfg.output_dir)
@@ -92,20 +104,35 @@ class Trainer:
         prompts = self._prompts()
         self.loader = PromptLoader(prompts, cfg.data.max_prompt_length,
                                    cfg.train.global_batch_size, cfg.train.seed, cfg.data.shuffle)
+        self.eval_prompts = self._eval_prompts()
         self.total_steps = cfg.train.steps or max(
             1, int(cfg.train.epochs * self.loader.steps_per_epoch()))
-        rule_reward = self._rule_reward()
+        rule_reward = self._rule_reward(self.loader.prompts[0].text)
         critic_source = None
         if self.alg.CRITIC:
             critic_source = describe_critic(
                 cfg.critic.load, cfg.reward.load, self.policy.config, self.policy.meta,
                 self.policy.config.vocab_size, self.tokenizer)
-            check_critic_fits(critic_source, world, cfg.parallel.tp, cfg.parallel.pp,
+            check_critic_fits(critic_source, launch.world_size, cfg.parallel.tp, cfg.parallel.pp,
                               cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
-        self.resume_from = self._checkpoint_to_resume() if resume else None
+        # Global rank 0 owns the output directory: lock, refuse or clean, decide on resume.
+        self.run_dir = RunDirectory(self.out, resume, overwrite)
+        plan = self.run_dir.prepare(newest_checkpoint) if launch.rank == 0 else None
+        try:
+            if plan is not None and plan.resume_from is not None:
+                self._check_resumable(plan.resume_from, critic_source)
+            self._build(critic_source, rule_reward, plan)
+        except BaseException:
+            self.run_dir.close()
+            raise
 
+    def _build(self, critic_source, rule_reward, plan) -> None:
+        cfg = self.cfg
         self.runtime = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed,
                                     backend=cfg.parallel.backend, model=self.policy.config)
+        shared = [str(plan.resume_from) if plan and plan.resume_from else None]
+        dist.broadcast_object_list(shared, src=0)
+        self.resume_from = Path(shared[0]) if shared[0] else None
         self.device = self.runtime.device
         self.dtype = self._dtype()
         self.model = self._build_policy()
@@ -130,11 +157,11 @@ class Trainer:
                                  if cfg.policy.load else None)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.step = 0
+        self.samples = None  # a few prompts with their responses, on sample steps (rank 0)
         if self.resume_from is not None:
             self._resume(self.resume_from)
         self.metrics = None
         if self.runtime.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             save_yaml(snapshot(cfg), self.out / "config.yaml")
             self.metrics = MetricsLogger(self.out, self.total_steps, cfg.log.tensorboard,
                                          cfg.log.wandb_project, snapshot(cfg), self.step)
@@ -190,12 +217,28 @@ class Trainer:
                     for i, text in enumerate(demo.PROMPTS)]
         return load_prompts(self.cfg.data.path, self.tokenizer)
 
-    def _rule_reward(self):
+    def _eval_prompts(self) -> list[Prompt]:
+        """The held-out prompts (data.eval_path), over-length ones dropped like training's."""
+        path = self.cfg.data.eval_path
+        if path is None:
+            return []
+        prompts = load_prompts(path, self.tokenizer)
+        kept = [p for p in prompts if len(p.ids) <= self.cfg.data.max_prompt_length]
+        if not kept:
+            raise ConfigError(f"data.eval_path={path}: none of its {len(prompts)} prompts fits "
+                              f"data.max_prompt_length={self.cfg.data.max_prompt_length}")
+        if len(kept) < len(prompts):
+            log.warning("data.eval_path: dropped %d of %d prompts longer than "
+                        "data.max_prompt_length", len(prompts) - len(kept), len(prompts))
+        return kept
+
+    def _rule_reward(self, probe_prompt: str):
+        """The rule, imported and called once on a real prompt before any model is built."""
         if self.cfg.reward.rule is None:
             return None
         from ..reward.rule import RuleReward
 
-        return RuleReward(self.cfg.reward.rule)
+        return RuleReward(self.cfg.reward.rule, probe_prompts=[probe_prompt])
 
     def _dtype(self) -> torch.dtype:
         name = self.cfg.train.dtype
@@ -266,20 +309,31 @@ class Trainer:
         return [ExtraModel(CRITIC_DIR, self.critic.ddp, self.critic.optimizer, meta,
                            self.critic.source.config, self.critic.source.hf_config)]
 
-    def _checkpoint_to_resume(self) -> Path | None:
-        path = latest_checkpoint(self.out)
-        if path is None:
-            log.warning("--resume: no checkpoint under %s, starting from step 0", self.out)
-        return path
+    def _check_resumable(self, path: Path, critic_source) -> None:
+        """Everything about the checkpoint that can be checked before any model is built: its
+        files, its models against this run's, the optimizer type."""
+        critic = {CRITIC_DIR: critic_source.config} if critic_source is not None else None
+        state = check_training_checkpoint(path, self.policy.config, critic)
+        distributed = state.get("use_distributed_optimizer", False)
+        if distributed != self.cfg.train.use_distributed_optimizer:
+            raise ConfigError(f"{path} was saved with train.use_distributed_optimizer="
+                              f"{str(distributed).lower()}: resume with the same setting (the "
+                              "two optimizers store their state differently)")
 
     def _resume(self, path: Path) -> None:
-        state = load_training_checkpoint(path, self.ddp, self.optimizer, self.scheduler,
+        # the schedule is rebuilt from this run's config (more steps, another LR) at the saved step
+        state = load_training_checkpoint(path, self.ddp, self.optimizer, None,
                                          self._extra_models())
+        changed = restore_schedule(self.scheduler, state["scheduler"])
         if self.critic is not None:
-            self.critic.scheduler.load_state_dict(state["critic_scheduler"])
+            changed += [f"critic {c}" for c in
+                        restore_schedule(self.critic.scheduler, state["critic_scheduler"])]
         self.step = state["step"]
         self.loader.state.epoch, self.loader.state.cursor = state["loader"]
-        log.info("resumed from %s at step %d", path, self.step)
+        log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
+        if changed and self.runtime.is_main:
+            log.info("resume: the LR schedule follows this run's config, not the checkpoint's: "
+                     "%s", "; ".join(changed))
 
     # --- one step ---------------------------------------------------------------------------
     def _rollout(self, mine: list[tuple[int, Prompt]]):
@@ -378,8 +432,11 @@ class Trainer:
 
         out = self._rollout(mine)
         t_rollout = time.time()
-        rewards = _agreed(lambda: self.reward.score(
-            reward_items(self.shape, mine, out, self.tokenizer)))
+        items = reward_items(self.shape, mine, out, self.tokenizer)
+        rewards = agreed(lambda: self.reward.score(items))
+        every = self.cfg.log.samples_every
+        if every and (self.step + 1) % every == 0 and self.runtime.is_main:
+            self.samples = sample_rows(self.shape, items, rewards, self.cfg.log.samples)
         sampled, greedy = split_rewards(self.shape, rewards)
         outcome = self.alg.sequence_advantages(sampled, greedy, alg)
         t_reward = time.time()
@@ -402,9 +459,53 @@ class Trainer:
         return Experience(batches, width, out, sampled, greedy,
                           [start, t_rollout, t_reward, critic_seconds])
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy responses to the held-out prompts (data.eval_path), scored by the reward (the
+        official ReMax code's evaluation). Every rank calls it."""
+        from megatron.core import parallel_state as ps
+
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        per_call = max(1, self.cfg.train.global_batch_size // dp) * self.shape.k
+        mine = share_of(list(enumerate(self.eval_prompts)), dp_rank, dp)
+        # every rank makes the same number of reward calls (a reward model scores collectively)
+        calls = -(-len(self.eval_prompts) // (dp * per_call))
+        totals = torch.zeros(3, dtype=torch.float64)  # responses, reward sum, length sum
+        for call in range(calls):
+            chunk = mine[call * per_call:(call + 1) * per_call]
+            items, lengths = [], torch.zeros(0)
+            if chunk:
+                ids, mask = left_pad([p.ids for _, p in chunk], self.pad)
+                out = generate(self.ddp, ids, mask, continuations=[GREEDY],
+                               max_new_tokens=self.cfg.rollout.max_new_tokens,
+                               eos_token_ids=self.eos, vocab_size=self.policy.config.vocab_size,
+                               seed=0, sample_ids=torch.tensor([i for i, _ in chunk]),
+                               pad_token_id=self.pad,
+                               pipeline_micro_batches=self.cfg.rollout.pipeline_micro_batches)
+                items, lengths = reward_items(EVAL_SHAPE, chunk, out, self.tokenizer), out.lengths
+            rewards = agreed(lambda: self.reward.score(items) if items or self.reward.collective
+                              else torch.zeros(0))
+            if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
+                totals += torch.tensor([len(items), float(rewards.sum()),
+                                        float(lengths.float().sum())], dtype=torch.float64)
+        totals = totals.to(self.device)
+        dist.all_reduce(totals)
+        count, reward, length = totals.tolist()
+        return {"eval/reward": reward / max(count, 1.0),
+                "eval/response_length": length / max(count, 1.0), "eval/prompts": int(count)}
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.log.eval_every
+        return bool(self.eval_prompts) and (
+            self.step == self.total_steps or (every > 0 and self.step % every == 0))
+
     def train_step(self) -> dict:
         """One step of whatever algorithm: experience, then its update(s)."""
         alg, mbs = self.cfg.algorithm, self.cfg.train.micro_batch_size
+        # the LRs this step trains with (the scheduler moves them on at its end)
+        lrs = {"lr": self.optimizer.param_groups[0]["lr"]}
+        if self.critic is not None:
+            lrs["critic/lr"] = self.critic.optimizer.param_groups[0]["lr"]
         exp = self.make_experience()
         policy, critic = [], []
         fp16 = self.dtype == torch.float16
@@ -428,9 +529,9 @@ class Trainer:
         self.step += 1
         start, t_rollout, t_reward, critic_seconds = exp.times
         return self._metrics(exp.out, exp.sampled, exp.greedy, policy, critic,
-                             (start, t_rollout, t_reward, t_train, critic_seconds))
+                             (start, t_rollout, t_reward, t_train, critic_seconds), lrs)
 
-    def _metrics(self, out, sampled, greedy, policy, critic, times) -> dict:
+    def _metrics(self, out, sampled, greedy, policy, critic, times, lrs) -> dict:
         from megatron.core import parallel_state as ps
 
         speaker = ps.get_tensor_model_parallel_rank() == 0
@@ -481,7 +582,7 @@ class Trainer:
             "logprob_mismatch": s["logprob_mismatch"] / tokens,
             "loss": s["loss"] / max(s["normalizer"], 1.0),
             "grad_norm": _mean_norm(policy),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lrs["lr"],
             "skipped": sum(not applied for applied, _ in policy),
         })
         if self.cfg.algorithm.clip_ratio is not None:
@@ -491,7 +592,7 @@ class Trainer:
                 "critic/value_loss": s["value_loss"] / max(s["value_normalizer"], 1.0),
                 "critic/clip_fraction": s["value_clipped"] / max(s["value_tokens"], 1.0),
                 "critic/grad_norm": _mean_norm(critic),
-                "critic/lr": self.critic.optimizer.param_groups[0]["lr"],
+                "critic/lr": lrs["critic/lr"],
                 "critic/skipped": sum(not applied for applied, _ in critic),
             })
         metrics.update({
@@ -520,7 +621,8 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"step": self.step,
-                 "loader": [self.loader.state.epoch, self.loader.state.cursor]}
+                 "loader": [self.loader.state.epoch, self.loader.state.cursor],
+                 "use_distributed_optimizer": self.cfg.train.use_distributed_optimizer}
         if self.critic is not None:
             state["critic_scheduler"] = self.critic.scheduler.state_dict()
         meta = dataclasses.replace(self.policy.meta, dtype=DTYPE_NAMES[self.dtype])
@@ -547,17 +649,31 @@ class Trainer:
                      "dropped as too long) -> %s", self.policy.meta.architecture,
                      self.cfg.algorithm.name, self.total_steps, self.cfg.train.global_batch_size,
                      self.shape.n_samples, self.loader.dropped, self.out)
+        if self.eval_prompts and self.step == 0:
+            before = self.evaluate()  # the starting point, as the official code reports it
+            if self.metrics is not None:
+                self.metrics.log_eval(0, before)
         while self.step < end:
+            self.samples = None
             metrics = self.train_step()
             if not history and self.runtime.is_main:
                 log.info(format_states(self.model_states()))
+            if self._eval_due():
+                result = self.evaluate()
+                metrics.update(result)
+                if self.metrics is not None:
+                    self.metrics.log_eval(self.step, result)
             history.append(metrics)
             if self.metrics is not None:
                 self.metrics.log(metrics)
+                if self.samples:
+                    self.metrics.log_samples(self.step, self.samples)
             if every and self.step % every == 0 and self.step < self.total_steps:
                 self.save()
         if self.step >= self.total_steps:
-            self.save()
+            final = self.save()
+            if self.cfg.checkpoint.export_hf and self.runtime.is_main:
+                export_hf(final, self.out / HF_DIR)
         if self.metrics is not None:
             plot = self.metrics.close(self.cfg.log.plot)
             if history:
@@ -571,22 +687,18 @@ class Trainer:
 
     def close(self) -> None:
         shutdown()
+        self.run_dir.close()
 
 
-def _agreed(fn):
-    """Run ``fn`` on every rank; if it raised a ConfigError on any rank, raise it on all of them
-    (a rule reward failing on one data-parallel rank must not leave the others waiting)."""
-    result, error = None, None
-    try:
-        result = fn()
-    except ConfigError as err:
-        error = str(err)
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise ConfigError(first)
-    return result
+def _resolve_loads(cfg: RunConfig) -> None:
+    """policy.load, reward.load and critic.load may name a run directory, its checkpoints/ or
+    checkpoints/latest: each becomes the newest complete checkpoint there (logged)."""
+    for section, key in (("policy", "load"), ("reward", "load"), ("critic", "load")):
+        part = getattr(cfg, section)
+        value = getattr(part, key)
+        if isinstance(value, str) and value != "policy" and Path(value).exists():
+            # (a missing path gets check_config's error, with its hint for that setting)
+            setattr(part, key, str(resolve_checkpoint(value, f"{section}.{key}")))
 
 
 def _std(mean_sq: float, mean: float) -> float:
