@@ -223,6 +223,9 @@ def version_line() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .logging_utils import setup_logging
+    from .runtime.lifetime import adopt_from_environment
+
+    adopt_from_environment()
 
     parser = build_parser()
     args, extra = parser.parse_known_args(_resume_flag(sys.argv[1:] if argv is None else argv))
@@ -241,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"remax-megatron {args.verb}: error: {err}", file=sys.stderr, flush=True)
         else:
-            # torchrun stops every rank as soon as one exits: let rank 0 print first
+            # torchrun stops every rank as soon as one exits: let rank 0 print first; a rank
+            # still alive after that failed alone, and says so itself
             time.sleep(ERROR_GRACE_SECONDS)
+            print(f"remax-megatron {args.verb}: error on rank {os.environ['RANK']}: {err}",
+                  file=sys.stderr, flush=True)
         return 2
 
 

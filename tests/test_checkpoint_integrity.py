@@ -413,9 +413,10 @@ def test_failed_save_on_one_rank_ends_every_rank(tmp_path, what, glob):
 # --- D: pruning ---------------------------------------------------------------------------------
 def _fake_checkpoints(root: Path, complete: list[str], incomplete=(), others=()) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    for name in complete:
-        (root / name).mkdir()
-        (root / name / "trainer_state.json").write_text(json.dumps({"step": 0}))
+    for name in complete:  # what a finished save leaves (models/locate.py is_complete)
+        (root / name / "model").mkdir(parents=True)
+        for file in ("trainer_state.json", "remax_checkpoint.json", "model/metadata.json"):
+            (root / name / file).write_text(json.dumps({"step": 0}))
     for name in incomplete:
         (root / name).mkdir()
     for name in others:

@@ -39,10 +39,17 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
+def assert_unlocked(lock: Path) -> None:
+    import fcntl
+
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises when someone holds it
+
+
 def fingerprint(run: Path) -> dict:
-    """Every file of a run directory with the hash of its bytes."""
+    """Every file of a run directory with the hash of its bytes (the lock file aside)."""
     return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file()}
+            for p in sorted(run.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +83,12 @@ def test_overwrite_removes_only_the_previous_runs_files(finished, tmp_path):
     assert (run / "my_notes.txt").read_text() == "keep me"
     assert [m["step"] for m in run_metrics(run)] == [1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000001"]
-    assert not (run / LOCK_FILE).exists()  # released at the end
+    assert_unlocked(run / LOCK_FILE)  # released at the end
 
 
 def test_resume_needs_a_checkpoint_and_auto_starts_without_one(tmp_path):
     empty = tmp_path / "empty"
+    empty.mkdir()
     line = one_error_line(train(empty, "--resume", check=False))
     assert "nothing to resume" in line and "--resume auto" in line
     assert not (empty / "config.yaml").exists()
@@ -97,6 +105,15 @@ def test_resume_with_another_optimizer_type_is_one_line(finished, tmp_path):
     line = one_error_line(train(run, "--resume", "train.steps=3",
                                 "train.use_distributed_optimizer=true", check=False))
     assert "was saved with train.use_distributed_optimizer=false: resume with the same" in line
+    assert fingerprint(run) == before
+
+
+def test_overwrite_never_removes_the_checkpoint_it_would_load(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    before = fingerprint(run)
+    line = one_error_line(train(run, "--overwrite", f"policy.load={run}", "policy.model=null",
+                                "policy.builtin_tokenizer=false", check=False))
+    assert f"policy.load={run / 'checkpoints' / 'step_000002'} lies inside output_dir" in line
     assert fingerprint(run) == before
 
 
@@ -161,7 +178,7 @@ def test_the_lock_dies_with_its_process(tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (run / LOCK_FILE).exists()  # left behind, but no longer locked
+    assert_unlocked(run / LOCK_FILE)  # the kernel released it with the process
     done = int(latest.read_text().strip().split("_")[1])
     train(run, "--resume", "auto", f"train.steps={done + 1}")
     assert run_metrics(run)[-1]["step"] == done + 1
@@ -192,6 +209,9 @@ def test_run_directory_rules_in_process(tmp_path):
     assert overwriter.prepare(lambda _: None).resume_from is None
     assert sorted(p.name for p in d.iterdir()) == [LOCK_FILE, "unrelated.txt"]
     overwriter.close()
+    with pytest.raises(ConfigError, match="--resume: output_dir .*/missing does not exist"):
+        RunDirectory(tmp_path / "missing", resume=True).prepare(lambda _: None)
+    assert not (tmp_path / "missing").exists()
     with pytest.raises(ConfigError, match="is a file"):
         (tmp_path / "file").write_text("")
         RunDirectory(tmp_path / "file").prepare(lambda _: None)
@@ -207,4 +227,4 @@ def test_lock_names_its_holder(tmp_path):
     info = json.loads((tmp_path / LOCK_FILE).read_text())
     assert info["pid"] == os.getpid()
     holder.close()
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert_unlocked(tmp_path / LOCK_FILE)

@@ -125,16 +125,17 @@ def cosine_lr(step: int, total: int, lr: float = 1e-2) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / total))
 
 
-def test_resumed_with_more_steps_follows_the_new_schedule(tmp_path):
+def test_resumed_with_more_steps_and_another_lr_follows_the_new_schedule(tmp_path):
     full, broken = full_and_resumed_runs([*SMALL, "train.steps=4", "checkpoint.save_every=2"],
-                                         tmp_path, resume_args=("train.steps=8",))
+                                         tmp_path, resume_args=("train.steps=8", "train.lr=2e-2"))
     # the logged LR is the one each step trained with (step 1: the full LR, no warmup)
     assert [m["lr"] for m in metrics(full)] == pytest.approx(
         [cosine_lr(t, 4) for t in (1, 2, 3, 4)], rel=1e-12)
     resumed = metrics(broken)
     assert [m["step"] for m in resumed] == list(range(1, 9))
-    # steps 1-2 ran under the 4-step schedule; after the resume the 8-step one continues at step 3
-    want = [cosine_lr(t, 4) for t in (1, 2)] + [cosine_lr(t, 8) for t in range(3, 9)]
+    # steps 1-2 ran under the 4-step schedule; after the resume the 8-step one with the new peak
+    # LR continues at step 3 (the checkpoint's param groups must not bring the old LR back)
+    want = [cosine_lr(t, 4) for t in (1, 2)] + [cosine_lr(t, 8, lr=2e-2) for t in range(3, 9)]
     assert [m["lr"] for m in resumed] == pytest.approx(want, rel=1e-12)
     same_run(metrics(full)[:2], resumed[:2], tol=0.0)
 

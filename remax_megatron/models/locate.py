@@ -38,7 +38,11 @@ def is_complete(step_dir: Path) -> bool:
 def complete_steps(checkpoints: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every complete step_N directory, oldest first; .step_N.tmp ignored."""
     found = []
-    for child in checkpoints.iterdir():
+    try:
+        children = list(checkpoints.iterdir())
+    except OSError:  # missing or unreadable: none
+        return []
+    for child in children:
         match = _STEP_DIR.fullmatch(child.name)
         if match and child.is_dir() and is_complete(child):
             found.append((int(match.group(1)), child))

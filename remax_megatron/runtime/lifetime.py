@@ -41,9 +41,9 @@ def install() -> None:
         return
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # set by torchrun for its workers
         # the agent (which starts workers from its main thread) forked us before this ran
+        # (an agent that died in the microseconds before this line is not caught: a check on
+        # getppid() == 1 would also kill workers whose agent IS pid 1 in a container)
         _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if _agent_gone():
-            os.kill(os.getpid(), signal.SIGKILL)
     _install_hooks()
 
 
@@ -55,18 +55,6 @@ def _install_hooks() -> None:
     _pid, _main_ident = os.getpid(), threading.main_thread().ident
     os.register_at_fork(after_in_child=_after_fork_in_child)
     _patch_spawn()
-
-
-def _agent_gone() -> bool:
-    """Whether the torchrun agent died before our prctl: init adopted us then (unless the agent
-    itself is pid 1, as in a container started with torchrun)."""
-    if os.getppid() != 1:
-        return False  # a subreaper would also hide the agent's death; too rare to chase
-    try:
-        with open("/proc/1/cmdline", "rb") as f:
-            return b"torch" not in f.read()
-    except OSError:
-        return False
 
 
 def _tie_to_parent(parent: int, forked_from_main: bool) -> None:
@@ -123,7 +111,16 @@ def _patch_spawn() -> None:
     spawn.get_command_line = get_command_line
 
 
-def die_with_parent() -> None:
-    """``preexec_fn`` for a subprocess we start ourselves (fork + exec runs no at-fork hook)."""
-    if _LIBC is not None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+PARENT_VARIABLE = "REMAX_DIE_WITH_PARENT"  # a pid: set by a process of ours for its child
+
+
+def adopt_from_environment() -> None:
+    """A command started by one of our processes (e.g. the end-of-training export) dies with it:
+    the parent names itself in $REMAX_DIE_WITH_PARENT rather than forking itself for a
+    preexec_fn. Called first thing by the command line."""
+    parent = os.environ.pop(PARENT_VARIABLE, None)
+    if parent is None or _LIBC is None:
+        return
+    _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != int(parent):  # it died before the prctl: too early for the signal
+        os.kill(os.getpid(), signal.SIGKILL)

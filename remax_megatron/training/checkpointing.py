@@ -35,10 +35,12 @@ from ..models.checkpoint import (
     META_FILE, TOKENIZER_DIR, WEIGHTS_DIR, CheckpointMeta, load_weights, read_checkpoint,
     save_weights, sharded_state_dict, write_checkpoint_files,
 )
+from ..models.locate import complete_steps
 from ..models.dcp_reader import (
     check_weights, describe_os_error, file_error, load_sharded, one_line,
 )
 from ..runtime.distributed import agreed
+from .engine import prime_optimizer_state, restore_adam_steps
 from .rng_state import RNG_DIR, restore_rng, rng_file, write_rng
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ def _save_model_and_optimizer(directory: Path, model, optimizer) -> None:
     writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
     level = writer_log.level
     writer_log.setLevel(logging.CRITICAL)
+    prime_optimizer_state(optimizer)  # a distributed optimizer that never stepped saves too
     try:
         save_weights(model, directory / WEIGHTS_DIR)
         dist_checkpointing.save(
@@ -134,8 +137,6 @@ def _save_model_and_optimizer(directory: Path, model, optimizer) -> None:
 
 @torch.no_grad()  # the distributed optimizer copies into its fp32 main parameters on load
 def _load_model_and_optimizer(directory: Path, model, optimizer) -> None:
-    from .engine import prime_optimizer_state
-
     load_weights(model, directory / WEIGHTS_DIR)
     prime_optimizer_state(optimizer)  # megatron's load-time state dict needs Adam's 'step'
     opt_state = load_sharded(
@@ -143,27 +144,7 @@ def _load_model_and_optimizer(directory: Path, model, optimizer) -> None:
                                      metadata=OPTIMIZER_METADATA),
         directory / OPTIMIZER_DIR)
     optimizer.load_state_dict(opt_state)
-    _restore_adam_steps(optimizer, opt_state)
-
-
-def _restore_adam_steps(optimizer, opt_state) -> None:
-    """megatron's distributed optimizer with torch's Adam (no TE or apex: every CPU run) saves
-    Adam's step in its param_groups, but on load copies the live (primed, zero) per-parameter
-    step over it and leaves one tensor shared by every parameter, which Adam would advance once
-    per parameter per step. Give each parameter its own tensor holding the saved step."""
-    inners = getattr(optimizer, "chained_optimizers", [optimizer])
-    saved = [opt_state] if len(inners) == 1 else [v for _, v in sorted(opt_state.items())]
-    for inner, state in zip(inners, saved):
-        inner_state = state.get("optimizer") if isinstance(state, dict) else None
-        groups = inner_state.get("param_groups", []) if isinstance(inner_state, dict) else []
-        steps = {group["step"] for group in groups if "step" in group}
-        torch_optimizer = getattr(inner, "optimizer", None)
-        if len(steps) != 1 or torch_optimizer is None:
-            continue  # no step in the param groups: torch's own state carried it
-        step = float(next(iter(steps)))
-        for param_state in torch_optimizer.state.values():
-            if isinstance(param_state.get("step"), torch.Tensor):
-                param_state["step"] = torch.full_like(param_state["step"], step)
+    restore_adam_steps(optimizer, opt_state)
 
 
 def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
@@ -286,23 +267,8 @@ def _last_good(root: Path) -> Path | None:
             return root / name
     except (OSError, UnicodeDecodeError):
         pass
-    done = _complete_steps(root)
+    done = complete_steps(root)
     return done[-1][1] if done else None
-
-
-def _complete_steps(root: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of the complete step_N directories, by step: trainer_state.json is
-    written last, so it marks a finished save."""
-    found = []
-    try:
-        children = list(root.iterdir())
-    except OSError:
-        return []
-    for child in children:
-        match = _STEP_DIR.fullmatch(child.name)
-        if match and child.is_dir() and not child.is_symlink() and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
 
 
 def _prune(root: Path, keep_last: int, saved_step: int) -> None:
@@ -316,7 +282,7 @@ def _prune(root: Path, keep_last: int, saved_step: int) -> None:
         pinned = {(root / LATEST).read_text().strip(), f"step_{saved_step:06d}"}
     except (OSError, UnicodeDecodeError):
         pinned = {f"step_{saved_step:06d}"}
-    mine = [(step, path) for step, path in _complete_steps(root) if step <= saved_step]
+    mine = [(step, path) for step, path in complete_steps(root) if step <= saved_step]
     for _, old in mine[:-keep_last]:
         if old.name not in pinned:
             shutil.rmtree(old, ignore_errors=True)
@@ -366,7 +332,7 @@ def _same_model(path: Path, saved, expected, what: str) -> None:
 def _instead(path: Path) -> str:
     """For a resume: the newest complete checkpoint before ``path`` (and how to use it)."""
     root = path.parent
-    earlier = [p for step, p in _complete_steps(root) if p != path]
+    earlier = [p for step, p in complete_steps(root) if p != path]
     if not earlier or not (root / LATEST).exists():
         return ""
     return f" (to resume from {earlier[-1].name} instead, write that name into {root / LATEST})"
@@ -392,7 +358,7 @@ def load_training_checkpoint(path: Path, model, optimizer, scheduler, extra_mode
     if scheduler is not None:  # None: the caller rebuilds the schedule from its config
         scheduler.load_state_dict(state["scheduler"])
     warning = agreed(lambda: restore_rng(path, state.get("world_size")))
-    if warning:
+    if warning and dist.get_rank() == 0:  # the same on every rank
         log.warning(warning)
     return state
 

@@ -179,17 +179,36 @@ def restore_schedule(scheduler, saved: dict) -> list[str]:
     return changed
 
 
-def prime_optimizer_state(optimizer) -> None:
-    """Give every parameter of the inner torch optimizers an (empty) Adam state with a step.
+def optimizer_settings(optimizer) -> list[dict]:
+    """Each param group's settings (LR bounds, weight decay, betas, eps; not its parameters or
+    Adam's step): a resume puts back the run's own after loading the checkpoint, whose
+    param groups would otherwise bring the old run's LR and betas with them."""
+    return [{k: v for k, v in group.items() if k not in ("params", "step")}
+            for group in optimizer.param_groups]
 
-    megatron's distributed optimizer builds its load-time state dict from the live state and,
-    with torch's Adam (no Transformer Engine or apex: every CPU run), asserts that each entry has
-    a 'step'; before the first step there is none, so a resume would fail. Loading overwrites
-    all of these values."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_optimizer = getattr(inner, "optimizer", None)
-        if torch_optimizer is None:
-            continue
+
+def apply_optimizer_settings(optimizer, settings: list[dict]) -> None:
+    for group, mine in zip(optimizer.param_groups, settings, strict=True):
+        group.update(mine)
+
+
+def _torch_adam_distributed(optimizer) -> list:
+    """The inner torch optimizers of megatron distributed optimizers running torch's Adam (no
+    Transformer Engine or apex: every CPU run), which need the two workarounds below."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []  # TE's / apex's Adam: megatron's own path, nothing to work around
+    return [inner.optimizer for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(inner, distrib_optimizer.DistributedOptimizer)]
+
+
+def prime_optimizer_state(optimizer) -> None:
+    """Give every parameter an Adam state with a step before a distributed-optimizer checkpoint
+    is saved or loaded: megatron builds that state dict from the live state and, with torch's
+    Adam, asserts one common 'step', which does not exist before the first applied update. The
+    zeros are what a first Adam step would create; a load overwrites them."""
+    for torch_optimizer in _torch_adam_distributed(optimizer):
         for group in torch_optimizer.param_groups:
             for param in group["params"]:
                 state = torch_optimizer.state[param]
@@ -197,3 +216,25 @@ def prime_optimizer_state(optimizer) -> None:
                     state["exp_avg"] = torch.zeros_like(param.data)
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
                 state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def restore_adam_steps(optimizer, opt_state) -> None:
+    """megatron's distributed optimizer with torch's Adam saves Adam's step in its param_groups,
+    but on load copies the live (primed, zero) per-parameter step over it and leaves one tensor
+    shared by every parameter, which Adam would advance once per parameter per step. Give each
+    parameter its own tensor holding the saved step."""
+    inners = _torch_adam_distributed(optimizer)
+    if not inners:
+        return
+    # a chain of one saves its optimizer's state unnested; longer chains by index
+    saved = [opt_state] if len(inners) == 1 else [v for _, v in sorted(opt_state.items())]
+    for torch_optimizer, state in zip(inners, saved):
+        inner_state = state.get("optimizer") if isinstance(state, dict) else None
+        groups = inner_state.get("param_groups", []) if isinstance(inner_state, dict) else []
+        steps = {group["step"] for group in groups if "step" in group}
+        if len(steps) != 1:
+            continue  # no step in the param groups: torch's own state carried it
+        step = float(next(iter(steps)))
+        for param_state in torch_optimizer.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = torch.full_like(param_state["step"], step)

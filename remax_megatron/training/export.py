@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config_io import ConfigError
-from ..runtime.lifetime import die_with_parent
+from ..runtime.lifetime import PARENT_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,15 @@ def export_hf(checkpoint: Path, out: Path) -> None:
     `convert mcore-to-hf` in a process of its own (one process, on the CPU: the conversion
     streams, and the training ranks keep their process groups and GPUs)."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES
-           and not k.startswith("TORCHELASTIC_")}
+           and not k.startswith("TORCHELASTIC_") and k != "REMAX_BACKEND"}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    # no preexec_fn (it would fork this large, threaded process): the child ties itself to us
+    env[PARENT_VARIABLE] = str(os.getpid())
     log.info("exporting %s to %s (Hugging Face format)", checkpoint, out)
     command = [sys.executable, "-m", "remax_megatron", "convert", "mcore-to-hf",
                "--load", str(checkpoint), "--out", str(out), "--force"]
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=die_with_parent)
+                            text=True)
     if result.returncode != 0:
         tail = result.stdout.strip().splitlines()[-1:] or ["(no output)"]
         raise ConfigError(f"checkpoint.export_hf: exporting {checkpoint} to {out} failed "

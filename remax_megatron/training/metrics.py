@@ -9,6 +9,8 @@ import logging
 import time
 from pathlib import Path
 
+from ..config_io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +70,21 @@ def samples_markdown(samples: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file; a last line cut short (a kill or a full disk mid-append) is
+    dropped: its step is redone."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            log.warning("%s: dropped an unreadable line (%r...)", path, line[:40])
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 class JsonLines:
     """DIR/NAME.jsonl, one object per line with a "step"; a resumed run keeps the lines up to its
     checkpoint's step (later ones are redone), a new one starts the file empty."""
@@ -76,9 +93,9 @@ class JsonLines:
         self.path = path
         self.rows = []
         if resume_from_step and path.is_file():
-            kept = [json.loads(line) for line in path.read_text().splitlines() if line]
-            self.rows = [row for row in kept if row["step"] <= resume_from_step]
-            path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+            self.rows = [row for row in _read_rows(path) if row["step"] <= resume_from_step]
+            # replaced in one rename: a crash here cannot cost the history
+            atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in self.rows))
         elif path.exists():
             path.unlink()  # (the run directory check let a new run start here)
 

@@ -4,7 +4,8 @@ before any model is built. Nothing the user did not ask to remove is removed.
 
   start      the directory is new, empty, or holds only files that are not a run's
   --resume   continue from the newest complete checkpoint (an error when there is none)
-  --resume auto   resume when there is a checkpoint, else start (a requeued cluster job)
+  --resume auto   resume when there is a checkpoint, else start over (a requeued cluster job:
+                  a previous attempt that saved no checkpoint is replaced)
   --overwrite     remove the previous run's files (RUN_FILES only), then start
 """
 
@@ -73,6 +74,9 @@ class RunDirectory:
             raise
 
     def _create(self) -> None:
+        if self.resume == "yes" and not self.path.exists():
+            raise ConfigError(f"--resume: output_dir {self.path} does not exist: check the path, "
+                              "or drop --resume to start a new run there")
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"output_dir {self.path} is a file: choose a directory")
         try:
@@ -97,10 +101,12 @@ class RunDirectory:
         except OSError as err:
             handle.seek(0)
             holder = handle.read().strip()
+            if err.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. a mount without locks
+                log.warning("cannot lock %s (%s): running without a lock, so nothing stops a "
+                            "second run from writing into %s", path, err.strerror, self.path)
+                self._lock = handle
+                return
             handle.close()
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"cannot lock {path} ({err.strerror}): the file system may not "
-                                  "support locks; choose an output_dir on one that does") from None
             raise ConfigError(f"output_dir {self.path} is in use by another run ({_describe(holder)}): "
                               "wait for it to finish, or choose another output_dir") from None
         handle.seek(0)
@@ -146,7 +152,8 @@ class RunDirectory:
         import fcntl
 
         try:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            # the file stays: unlinking it would let a waiting opener lock the old inode while
+            # a newer run locks a new file of the same name
             fcntl.flock(self._lock, fcntl.LOCK_UN)
         finally:
             self._lock.close()

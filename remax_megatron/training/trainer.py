@@ -42,8 +42,8 @@ from .config import RunConfig, check_config, snapshot
 from .critic import CRITIC_DIR, Critic, check_critic_fits, describe_critic
 from .critic import STATS as CRITIC_STATS
 from .engine import (
-    OptimizerSettings, build_optimizer, build_scheduler, forward_only, restore_schedule, update,
-    wrap_ddp,
+    OptimizerSettings, apply_optimizer_settings, build_optimizer, build_scheduler, forward_only,
+    optimizer_settings, restore_schedule, update, wrap_ddp,
 )
 from .export import HF_DIR, export_hf
 from .experience import (
@@ -115,24 +115,43 @@ class Trainer:
                 self.policy.config.vocab_size, self.tokenizer)
             check_critic_fits(critic_source, launch.world_size, cfg.parallel.tp, cfg.parallel.pp,
                               cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
-        # Global rank 0 owns the output directory: lock, refuse or clean, decide on resume.
         self.run_dir = RunDirectory(self.out, resume, overwrite)
-        plan = self.run_dir.prepare(newest_checkpoint) if launch.rank == 0 else None
+        if overwrite or self.run_dir.resume == "auto":
+            self._check_inputs_outside_output()
+        self.runtime = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed,
+                                    backend=cfg.parallel.backend, model=self.policy.config)
         try:
-            if plan is not None and plan.resume_from is not None:
-                self._check_resumable(plan.resume_from, critic_source)
-            self._build(critic_source, rule_reward, plan)
+            # Global rank 0 owns the output directory (lock, refuse or clean, decide on resume);
+            # every rank hears of a refusal, and of the checkpoint to resume from.
+            plan = agreed(lambda: self._plan(critic_source) if self.runtime.is_main else None)
+            shared = [str(plan.resume_from) if plan and plan.resume_from else None]
+            dist.broadcast_object_list(shared, src=0)
+            self.resume_from = Path(shared[0]) if shared[0] else None
+            self._build(critic_source, rule_reward)
         except BaseException:
             self.run_dir.close()
             raise
 
-    def _build(self, critic_source, rule_reward, plan) -> None:
+    def _plan(self, critic_source):
+        plan = self.run_dir.prepare(newest_checkpoint)
+        if plan.resume_from is not None:
+            self._check_resumable(plan.resume_from, critic_source)
+        return plan
+
+    def _check_inputs_outside_output(self) -> None:
+        """--overwrite (and --resume auto without a checkpoint) remove the old run's files: never
+        the checkpoints this run is about to load."""
+        out = self.out.resolve()
+        for name in ("policy.load", "reward.load", "critic.load"):
+            section, key = name.split(".")
+            value = getattr(getattr(self.cfg, section), key)
+            if isinstance(value, str) and value != "policy" and Path(value).resolve().is_relative_to(out):
+                raise ConfigError(f"{name}={value} lies inside output_dir {self.out}, whose previous "
+                                  "run's files --overwrite / --resume auto may remove: copy it "
+                                  "elsewhere or choose another output_dir")
+
+    def _build(self, critic_source, rule_reward) -> None:
         cfg = self.cfg
-        self.runtime = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed,
-                                    backend=cfg.parallel.backend, model=self.policy.config)
-        shared = [str(plan.resume_from) if plan and plan.resume_from else None]
-        dist.broadcast_object_list(shared, src=0)
-        self.resume_from = Path(shared[0]) if shared[0] else None
         self.device = self.runtime.device
         self.dtype = self._dtype()
         self.model = self._build_policy()
@@ -314,18 +333,24 @@ class Trainer:
         files, its models against this run's, the optimizer type."""
         critic = {CRITIC_DIR: critic_source.config} if critic_source is not None else None
         state = check_training_checkpoint(path, self.policy.config, critic)
-        distributed = state.get("use_distributed_optimizer", False)
-        if distributed != self.cfg.train.use_distributed_optimizer:
+        distributed = state.get("use_distributed_optimizer")  # absent: written before it was kept
+        if distributed is not None and distributed != self.cfg.train.use_distributed_optimizer:
             raise ConfigError(f"{path} was saved with train.use_distributed_optimizer="
                               f"{str(distributed).lower()}: resume with the same setting (the "
                               "two optimizers store their state differently)")
 
     def _resume(self, path: Path) -> None:
-        # the schedule is rebuilt from this run's config (more steps, another LR) at the saved step
+        # The run's config wins over the checkpoint's (more steps, another LR or betas): the
+        # param groups' settings are put back after the load, and the schedule rebuilt from it
+        # at the saved step.
+        mine = optimizer_settings(self.optimizer)
+        critic_mine = optimizer_settings(self.critic.optimizer) if self.critic else None
         state = load_training_checkpoint(path, self.ddp, self.optimizer, None,
                                          self._extra_models())
+        apply_optimizer_settings(self.optimizer, mine)
         changed = restore_schedule(self.scheduler, state["scheduler"])
         if self.critic is not None:
+            apply_optimizer_settings(self.critic.optimizer, critic_mine)
             changed += [f"critic {c}" for c in
                         restore_schedule(self.critic.scheduler, state["critic_scheduler"])]
         self.step = state["step"]
@@ -466,7 +491,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        per_call = max(1, self.cfg.train.global_batch_size // dp) * self.shape.k
+        per_call = max(1, self.cfg.train.global_batch_size // dp)  # prompts, as in a rollout
         mine = share_of(list(enumerate(self.eval_prompts)), dp_rank, dp)
         # every rank makes the same number of reward calls (a reward model scores collectively)
         calls = -(-len(self.eval_prompts) // (dp * per_call))
@@ -670,10 +695,7 @@ class Trainer:
                     self.metrics.log_samples(self.step, self.samples)
             if every and self.step % every == 0 and self.step < self.total_steps:
                 self.save()
-        if self.step >= self.total_steps:
-            final = self.save()
-            if self.cfg.checkpoint.export_hf and self.runtime.is_main:
-                export_hf(final, self.out / HF_DIR)
+        final = self.save() if self.step >= self.total_steps else None
         if self.metrics is not None:
             plot = self.metrics.close(self.cfg.log.plot)
             if history:
@@ -683,6 +705,8 @@ class Trainer:
                 log.info("reward of sampled responses: %.4f at step %d -> %.4f at step %d%s%s",
                          first["reward/sampled"], first["step"], last["reward/sampled"],
                          last["step"], greedy, f"; plot: {plot}" if plot else "")
+        if final is not None and self.cfg.checkpoint.export_hf and self.runtime.is_main:
+            export_hf(final, self.out / HF_DIR)  # last: the run's own outputs are all written
         return history
 
     def close(self) -> None:
