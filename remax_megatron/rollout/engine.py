@@ -22,6 +22,7 @@ import torch
 from ..config_io import ConfigError
 from ..models.builder import unwrap
 from ..ops.padding import position_ids
+from ..runtime import cpu_compat
 from .forward import StageForward
 from .kv_cache import SharedPrefixKVCache
 from .sampling import GREEDY, SamplingParams, choose, mask_vocab_padding, row_uniforms
@@ -88,9 +89,10 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompt_ids, prompt_mask, list(continuations), max_new_tokens,
-                         set(int(e) for e in eos_token_ids), vocab_size, seed, sample_ids,
-                         pad_token_id, cfg, pipeline_micro_batches)
+        with cpu_compat.suspended():  # no per-call interception in the decode loop (CPU runs)
+            return _generate(model, prompt_ids, prompt_mask, list(continuations),
+                             max_new_tokens, set(int(e) for e in eos_token_ids), vocab_size,
+                             seed, sample_ids, pad_token_id, cfg, pipeline_micro_batches)
     finally:
         model.train(was_training)
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.builder import unwrap
+from ..runtime import cpu_compat
 
 
 class Pipeline:
@@ -61,7 +62,8 @@ class StageForward:
             return None
         needed = int(positions.max()) + 1
         if self._rope_table is None or self._rope_table.size(0) < needed:
-            self._rope_table = self.rope(max(needed, 64))  # [max, 1, 1, d]
+            with cpu_compat.active():  # megatron's RoPE moves its table to "the CUDA device"
+                self._rope_table = self.rope(max(needed, 64))  # [max, 1, 1, d]
         return self._rope_table[positions.t()].squeeze(3)
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend, pick=None):

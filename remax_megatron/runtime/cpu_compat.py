@@ -16,6 +16,7 @@ RNG tracker in the CUDA generator. This module removes those assumptions without
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -219,3 +220,31 @@ def _ensure_mode_on_this_thread() -> None:
 
 def is_installed() -> bool:
     return _installed
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run the block without the torch-function mode: every torch call of a hot loop (a decode
+    step makes thousands) otherwise goes through Python first. Only for code that never asks for
+    a CUDA placement (ours, and megatron's forward once its buffers exist); the torch.cuda
+    stand-ins stay. Does nothing when the mode is not the innermost one on this thread."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if _mode is None or not stack or stack[-1] is not _mode:
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
+
+
+@contextlib.contextmanager
+def active():
+    """The mode back on inside a ``suspended`` block, around a megatron call that asks for CUDA."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    if _mode is None or _mode in _get_current_function_mode_stack():
+        yield
+        return
+    with _mode:
+        yield

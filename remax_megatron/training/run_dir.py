@@ -32,6 +32,18 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval.jsonl", "che
              "tensorboard", "reward_curves.png", "hf", "wandb")
 LOCK_FILE = ".remax-run.lock"
 RESUME_MODES = ("no", "yes", "auto")
+_held_locks: list = []  # the lock files this process holds
+
+
+def _drop_locks_in_child() -> None:
+    # A forked child (megatron's checkpoint writers) shares the lock's open file: it must not
+    # keep the lock alive after this process dies; closing its copy leaves ours held.
+    for handle in _held_locks:
+        handle.close()
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 @dataclass
@@ -116,6 +128,7 @@ class RunDirectory:
                                  "command": " ".join(sys.argv)}) + "\n")
         handle.flush()
         self._lock = handle
+        _held_locks.append(handle)
 
     def _decide(self, find_checkpoint) -> RunPlan:
         previous = [name for name in RUN_FILES if (self.path / name).exists()]
@@ -156,6 +169,8 @@ class RunDirectory:
             # a newer run locks a new file of the same name
             fcntl.flock(self._lock, fcntl.LOCK_UN)
         finally:
+            if self._lock in _held_locks:
+                _held_locks.remove(self._lock)
             self._lock.close()
             self._lock = None
 
