@@ -49,9 +49,9 @@ def complete_steps(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _newest(checkpoints: Path, flag: str, named: Path) -> tuple[Path, str]:
-    """The checkpoint `latest` names when complete, else the highest complete step_N; with the
-    reason, for the log line."""
+def newest_complete(checkpoints: Path) -> tuple[Path | None, str]:
+    """The checkpoint `latest` names when complete, else the highest complete step_N (None when
+    there is none); with the reason, for log lines."""
     pointer = checkpoints / LATEST
     note = f"{pointer.name} is missing"
     if pointer.is_file():
@@ -63,11 +63,16 @@ def _newest(checkpoints: Path, flag: str, named: Path) -> tuple[Path, str]:
             return checkpoints / name, f"named by {pointer.name}"
         note = f"{pointer.name} names {name[:40] or 'nothing'!r}, not a complete checkpoint"
     steps = complete_steps(checkpoints)
-    if not steps:
+    return (steps[-1][1] if steps else None), f"the newest complete checkpoint; {note}"
+
+
+def _newest(checkpoints: Path, flag: str, named: Path) -> tuple[Path, str]:
+    chosen, why = newest_complete(checkpoints)
+    if chosen is None:
         raise ConfigError(f"{flag} {named}: {checkpoints} holds no complete checkpoint (no step_N "
                           "with trainer_state.json): wait for the run to save one or name a "
                           "checkpoint directory")
-    return steps[-1][1], f"the newest complete checkpoint; {note}"
+    return chosen, why
 
 
 def _checkpoints_dir(path: Path) -> Path | None:

@@ -35,7 +35,7 @@ from ..models.checkpoint import (
     META_FILE, TOKENIZER_DIR, WEIGHTS_DIR, CheckpointMeta, load_weights, read_checkpoint,
     save_weights, sharded_state_dict, write_checkpoint_files,
 )
-from ..models.locate import complete_steps
+from ..models.locate import complete_steps, newest_complete
 from ..models.dcp_reader import (
     check_weights, describe_os_error, file_error, load_sharded, one_line,
 )
@@ -51,9 +51,6 @@ LATEST = "latest"
 # Fully parallel save/load of the distributed optimizer's state, reshardable in data parallelism
 # (megatron-core's default format of this release relies on an unsupported flattened layout).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 @dataclass
@@ -260,15 +257,8 @@ def _save_failed_message(root: Path, name: str, tmp: Path, cause: str | None,
 
 
 def _last_good(root: Path) -> Path | None:
-    """The checkpoint ``latest`` names if complete, else the newest complete one."""
-    try:
-        name = (root / LATEST).read_text().strip()
-        if _STEP_DIR.fullmatch(name) and (root / name / STATE_FILE).is_file():
-            return root / name
-    except (OSError, UnicodeDecodeError):
-        pass
-    done = complete_steps(root)
-    return done[-1][1] if done else None
+    """The checkpoint a resume would use: ``latest`` if complete, else the newest complete."""
+    return newest_complete(root)[0]
 
 
 def _prune(root: Path, keep_last: int, saved_step: int) -> None:

@@ -263,8 +263,6 @@ class Trainer:
         name = self.cfg.train.dtype
         if name == "auto":
             name = "bf16" if self.device.type == "cuda" else "fp32"
-        if name != "fp32" and self.device.type != "cuda":
-            raise ConfigError(f"train.dtype={name} needs a GPU here: use fp32 (or auto) on CPU")
         return dtype_from_name(name)
 
     def _build_policy(self):
