@@ -106,6 +106,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--pipeline-micro-batches", type=int, default=0,
                    help="with --pp > 1: prompt groups that follow each other through the stages "
                         "(0: auto, the prefill in 2 x pp groups) (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="weights' dtype while generating (auto: as the checkpoint stores them; "
+                        "bf16 runs on GPUs and on CPUs with AVX512-BF16 or AMX) "
+                        "(default: %(default)s)")
     p.set_defaults(run=_run_generate)
 
 
@@ -117,7 +121,7 @@ def _run_generate(args) -> int:
         load=args.load, input=args.input, output=args.output, sampling=sampling,
         max_new_tokens=args.max_new_tokens, tp=args.tp, pp=args.pp, seed=args.seed,
         batch_size=args.batch_size, tokenizer=args.tokenizer,
-        pipeline_micro_batches=args.pipeline_micro_batches))
+        pipeline_micro_batches=args.pipeline_micro_batches, dtype=args.dtype))
 
 
 def _add_train(sub) -> None:

@@ -53,8 +53,10 @@ def test_remax_pairs_to_rewards_and_training_rows():
 
     outcome = torch.tensor([[0.5, -0.5], [1.5, 2.5]])
     batches, width = micro_batches(shape, mine, out, outcome, pad_id=0, micro_batch_size=3,
-                                   device="cpu")
+                                   device="cpu", by_length=False)
     assert width == 4 and [b["input_ids"].size(0) for b in batches] == [3, 1]
+    assert [b["input_ids"].size(1) for b in batches] == [4, 4]  # one width: the longest row's
+    assert torch.cat([b["rows"] for b in batches]).tolist() == [0, 1, 2, 3]
     ids = torch.cat([b["input_ids"] for b in batches]).tolist()
     assert ids == [[7, 8, 2, 3], [7, 8, 4, 5], [9, 1, 2, 0], [9, 3, 0, 0]]
     mask = torch.cat([b["loss_mask"] for b in batches]).tolist()
@@ -64,6 +66,41 @@ def test_remax_pairs_to_rewards_and_training_rows():
     assert lp[0].tolist() == [0.0, -0.5, -0.75] and lp[3].tolist() == [-0.75, 0.0, 0.0]
     assert torch.cat([b["outcome"] for b in batches]).tolist() == [0.5, -0.5, 1.5, 2.5]
     assert batches[0]["position_ids"][0].tolist() == [0, 1, 2, 3]
+    # the output layer runs where the loss reads: the (row, position) pairs of the loss mask
+    assert batches[1]["logit_positions"].tolist() == [[0, 0]]
+    assert batches[0]["logit_positions"].tolist() == [[0, 1], [0, 2], [1, 1], [1, 2], [2, 0],
+                                                      [2, 1]]
+
+
+def test_micro_batches_grouped_by_length_keep_every_row_and_the_mini_batches():
+    """Rows sorted longest first within each mini-batch; each micro-batch as wide as its own
+    longest row (rounded up to a multiple); every row's tensors travel with it."""
+    shape = RolloutShape(n_samples=2, greedy=False)
+    mine = [(0, Prompt(0, "p", [7, 8])), (1, Prompt(1, "q", [9])), (2, Prompt(2, "r", [5])),
+            (3, Prompt(3, "s", [4, 4, 4]))]
+    lengths = [1, 4, 2, 1, 3, 1, 2, 5]  # row totals: 3 6 3 2 4 2 5 8
+    out = rollout([[1 + t for t in range(n)] for n in lengths], lengths)
+    outcome = torch.arange(8.0).view(4, 2)
+    plain, _ = micro_batches(shape, mine, out, outcome, 0, 2, "cpu", groups=2, by_length=False)
+    grouped, width = micro_batches(shape, mine, out, outcome, 0, 2, "cpu", groups=2,
+                                   width_multiple=4)
+    assert width == 8
+    # mini-batch 1 holds rows 0-3, mini-batch 2 rows 4-7, each sorted by length (stable)
+    assert [b["rows"].tolist() for b in grouped] == [[1, 0], [2, 3], [7, 6], [4, 5]]
+    assert [b["input_ids"].size(1) for b in grouped] == [8, 4, 8, 4]  # 6, 3, 8, 4 rounded up
+    by_row = {}
+    for b in plain:
+        for j, row in enumerate(b["rows"].tolist()):
+            by_row[row] = {k: b[k][j] for k in ("input_ids", "loss_mask", "rollout_log_probs",
+                                                "outcome")}
+    for b in grouped:
+        for j, row in enumerate(b["rows"].tolist()):
+            w = b["input_ids"].size(1)
+            want = by_row[row]
+            assert b["outcome"][j] == want["outcome"] == row
+            for key, size in (("input_ids", w), ("loss_mask", w - 1), ("rollout_log_probs", w - 1)):
+                full = want[key]
+                assert torch.equal(b[key][j], full[:size]) and not full[size:].any(), (row, key)
 
 
 def test_mini_batches_are_contiguous_groups_of_micro_batches():

@@ -5,6 +5,7 @@ model is built."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from conftest import run_python, run_torchrun
 from remax_megatron import cli, tiny
 from remax_megatron.convert.commands import hf_to_mcore
 from remax_megatron.rollout import generate_command
+from remax_megatron.runtime import precision
 
 ROWS = [
     {"prompt": "hello world"},
@@ -45,7 +47,7 @@ def setup(tmp_path_factory):
         out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
         expected.append(out[0, len(ids):].tolist())
-    return {"root": root, "ckpt": ckpt, "expected": expected}
+    return {"root": root, "ckpt": ckpt, "expected": expected, "model": model}
 
 
 def read_output(path):
@@ -125,6 +127,43 @@ def test_sampling_flags_and_seed(setup, tmp_path):
     assert [r["response_ids"] for r in a] != setup["expected"]
 
 
+BF16_TIE = 0.05  # HF's top-2 logit gap below which bf16 rounding may pick either token
+
+
+def greedy_until_near_tie(model, ids: list[int], new: int) -> list[int]:
+    """transformers' greedy continuation of ``ids``, cut before the first step whose top-2 logit
+    gap is a near-tie (where two bf16 implementations may rightly differ)."""
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(ids):].tolist()
+    for step, logits in enumerate(out.logits):
+        top2 = logits[0].float().topk(2).values
+        if top2[0] - top2[1] < BF16_TIE:
+            return tokens[:step]
+    return tokens
+
+
+@pytest.mark.skipif(not precision.bf16_supported(), reason="no native bf16 on this machine")
+def test_bf16_greedy_equals_transformers_bf16(setup, tmp_path):
+    """--dtype bf16 on the fp32 checkpoint: the same tokens as transformers' bf16 model up to
+    the first near-tie (the bf16 path every GPU user runs, here on the CPU's bf16 kernels)."""
+    hf = copy.deepcopy(setup["model"]).to(torch.bfloat16)
+    tokenizer = tiny.build_tokenizer(300)
+    rows = [r for r in ROWS if "prompt" in r]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    new = 16
+    proc = run_python(["-m", "remax_megatron", "generate", "--load", str(setup["ckpt"]),
+                       "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+                       "--greedy", "--max-new-tokens", str(new), "--dtype", "bf16"])
+    assert "(tp=1 pp=1, bf16)" in proc.stderr  # the fp32 checkpoint's weights, cast
+    compared = 0
+    for row, ours in zip(rows, read_output(tmp_path / "o.jsonl")):
+        want = greedy_until_near_tie(hf, tokenizer(row["prompt"]).input_ids, new)
+        assert ours["response_ids"][:len(want)] == want, row
+        compared += len(want)
+    assert compared >= 2 * len(rows), f"only {compared} tokens before near-ties: raise the seed's margin"
+
+
 @pytest.mark.parametrize("line,needle", [
     ("{not json", "in.jsonl line 2 is not valid JSON"),
     ('{"text": "hi"}', 'row 2 needs a "prompt" string or a non-empty "messages" list'),
@@ -201,6 +240,8 @@ BAD_INPUT = {
     "max_new_tokens_zero": ({"--max-new-tokens": "0"}, "must be at least 1"),
     "batch_size_zero": ({"--batch-size": "0"}, "must be at least 1"),
     "pipeline_micro_batches_negative": ({"--pipeline-micro-batches": "-1"}, "must be >= 0"),
+    **({} if torch.cuda.is_available() else {
+        "fp16_on_cpu": ({"--dtype": "fp16"}, "--dtype=fp16 needs a GPU")}),
 }
 
 
@@ -254,7 +295,7 @@ def test_help_shows_every_default(capsys):
     helps = help_by_flag(["generate"], capsys)
     for flag, default in (("--max-new-tokens", "128"), ("--tp", "1"), ("--pp", "1"),
                           ("--seed", "0"), ("--batch-size", "16"),
-                          ("--pipeline-micro-batches", "0")):
+                          ("--pipeline-micro-batches", "0"), ("--dtype", "auto")):
         assert f"(default: {default})" in helps[flag], helps[flag]
     for flag, when_sampling in (("--temperature", "1.0"), ("--top-p", "1.0"), ("--top-k", "0")):
         assert f"(default: unset: greedy; {when_sampling}" in helps[flag], helps[flag]

@@ -56,3 +56,36 @@ def test_masked_mean_excludes_padded_rows():
     values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert masked_mean(values, mask).item() == pytest.approx(2.0)
+
+
+def test_frame_log_probs_from_the_logits_at_response_positions_only():
+    """Logits computed only at the loss mask's positions give, in the frame, exactly the
+    log-softmax values (and entropy) there and zero elsewhere; plain log_softmax is the reference."""
+    from remax_megatron.ops.logprobs import frame_log_probs
+
+    g = torch.Generator().manual_seed(3)
+    rows, seq, vocab = 3, 7, 11
+    ids = torch.randint(0, vocab, (rows, seq), generator=g)
+    mask = torch.zeros(rows, seq - 1)
+    mask[0, 2:6] = 1
+    mask[1, 1:3] = 1
+    mask[2, 4:5] = 1
+    logits = torch.randn(rows, seq, vocab, generator=g)
+    positions = mask.nonzero()
+    picked = logits[positions[:, 0], positions[:, 1]].unsqueeze(0).requires_grad_()  # [1, n, v]
+    batch = {"input_ids": ids, "loss_mask": mask, "logit_positions": positions}
+    lp, entropy = frame_log_probs(picked, batch, vocab, with_entropy=True)
+    full = torch.log_softmax(logits[:, :-1], -1)
+    want = full.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask
+    assert lp.shape == (rows, seq - 1)
+    torch.testing.assert_close(lp, want, rtol=0, atol=1e-6)
+    want_entropy = -(full.exp() * full).sum(-1) * mask
+    torch.testing.assert_close(entropy, want_entropy, rtol=0, atol=1e-5)
+    # gradient: d(sum lp)/d logit = onehot - softmax at each picked position
+    lp.sum().backward()
+    soft = torch.softmax(logits[positions[:, 0], positions[:, 1]], -1)
+    onehot = torch.nn.functional.one_hot(ids[positions[:, 0], positions[:, 1] + 1], vocab)
+    torch.testing.assert_close(picked.grad[0], onehot - soft, rtol=0, atol=1e-6)
+    # without positions: every position's logits, the same values on the mask
+    dense = frame_log_probs(logits, {"input_ids": ids, "loss_mask": mask}, vocab)
+    torch.testing.assert_close(dense * mask, want, rtol=0, atol=1e-6)

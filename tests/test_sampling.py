@@ -110,3 +110,167 @@ def test_bulk_row_uniforms_equal_one_draw_per_step():
         one_by_one = torch.stack([torch.rand((), generator=g) for _ in range(steps)])
         assert torch.equal(table[row], one_by_one)
     assert not torch.equal(table[1], table[3])  # different prompts, different draws
+
+
+# --- choose() on CPU (a values-only sort, no id sort) against the implementation it replaced -----
+# An independent copy of choose() as it was before (a full stable value+id sort of every row):
+# the new code must pick exactly the same token for the same uniform, always.
+
+def _ref_filtered_probs(logits, params):
+    sorted_logits, sorted_ids = torch.sort(logits.float(), dim=-1, descending=True, stable=True)
+    scaled = sorted_logits / params.temperature
+    if params.top_k > 0:
+        scaled[..., params.top_k:] = float("-inf")
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1:
+        before = probs.cumsum(-1) - probs  # mass strictly above each token
+        probs = probs.masked_fill(before >= params.top_p, 0.0)
+    return probs, sorted_ids
+
+
+def _ref_inverse_cdf(probs, uniforms):
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
+    index = torch.searchsorted(cdf, target, right=True).clamp(max=probs.size(-1) - 1)
+    return index.squeeze(-1)
+
+
+def ref_choose(logits, params, uniforms):
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    if params.filtered:
+        probs, sorted_ids = _ref_filtered_probs(logits, params)
+        return sorted_ids.gather(-1, _ref_inverse_cdf(probs, uniforms).unsqueeze(-1)).squeeze(-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    return _ref_inverse_cdf(probs, uniforms)
+
+
+def ties_by_descending_id(logits, params, uniforms):
+    """A deliberately wrong variant (the same probabilities, equal logits ordered by descending
+    id, as an unstable sort may do): the comparison must catch it."""
+    return logits.size(-1) - 1 - ref_choose(logits.flip(-1), params, uniforms)
+
+
+KINDS = ("model", "peaked", "flat", "ties", "constant", "bf16", "padded")
+
+
+def kind_logits(kind, rows, vocab, g):
+    """[rows, vocab] logits of one kind: like a model's (randn * 3), peaked, very flat (a nucleus
+    of most of the vocabulary), exact ties everywhere (incl. at the nucleus boundary), all equal,
+    bf16 (many ties), and megatron's padded vocabulary (-inf beyond the true size)."""
+    z = torch.randn(rows, vocab, generator=g)
+    if kind == "model":
+        return z * 3
+    if kind == "peaked":
+        return z * 12
+    if kind == "flat":
+        return z * 1e-3
+    if kind == "ties":
+        return (z * 2).round() / 2
+    if kind == "constant":
+        return torch.zeros(rows, vocab)
+    if kind == "bf16":
+        return (z * 3).bfloat16()
+    if kind == "padded":
+        return mask_vocab_padding(z * 3, max(1, vocab - max(1, vocab // 10)))
+    raise ValueError(kind)
+
+
+def uniforms_for(rows, g):
+    """Uniforms in [0, 1): the extremes, ones near 0 and near 1, and plain ones."""
+    u = torch.rand(rows, generator=g)
+    near0 = torch.rand(rows, generator=g) * 1e-6
+    near1 = (1 - torch.rand(rows, generator=g) * 1e-6).clamp(max=1 - 2 ** -24)
+    which = torch.randint(0, 3, (rows,), generator=g)
+    u = torch.where(which == 0, near0, torch.where(which == 1, near1, u))
+    special = torch.tensor([0.0, 2 ** -24, 0.5, 1 - 2 ** -24, 1 - 2 ** -23, 2 ** -23])
+    u[:min(rows, special.numel())] = special[:rows]
+    return u
+
+
+TOP_PS = (0.1, 0.5, 0.9, 0.99, 1.0)
+TOP_KS = (0, 1, 5, 50)
+
+
+def assert_same_tokens(logits, params, u, what=""):
+    got, want = choose(logits, params, u), ref_choose(logits, params, u)
+    bad = torch.nonzero(got != want).flatten().tolist()
+    assert not bad, f"{what} {params}: rows {bad[:5]} chose {got[bad[:5]].tolist()}, " \
+                    f"the sort-based reference {want[bad[:5]].tolist()}"
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 7, 64, 1000])
+def test_choose_matches_the_sort_based_reference(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    for top_p in TOP_PS:
+        for top_k in TOP_KS:
+            for temperature in (0.3, 1.0, 1.7):
+                params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+                logits = torch.cat([kind_logits(kind, 16, vocab, g).float() for kind in KINDS])
+                u = uniforms_for(logits.size(0), g)
+                assert_same_tokens(logits, params, u, f"vocab {vocab}")
+                bf16 = kind_logits("bf16", 16, vocab, g)
+                assert_same_tokens(bf16, params, uniforms_for(16, g), f"bf16 vocab {vocab}")
+
+
+@pytest.mark.parametrize("top_p", TOP_PS)
+def test_choose_matches_the_sort_based_reference_gpt2_vocab(top_p):
+    vocab, g = 50257, torch.Generator().manual_seed(int(top_p * 100))
+    for i, top_k in enumerate(TOP_KS):
+        params = SamplingParams(temperature=(0.7, 1.0, 1.3, 0.9)[i], top_p=top_p, top_k=top_k)
+        logits = torch.cat([kind_logits(kind, 2, vocab, g).float() for kind in KINDS])
+        assert_same_tokens(logits, params, uniforms_for(logits.size(0), g), "gpt2 vocab")
+        bf16 = kind_logits("bf16", 4, vocab, g)
+        assert_same_tokens(bf16, params, uniforms_for(4, g), "gpt2 vocab bf16")
+
+
+def test_ties_at_the_nucleus_boundary_keep_the_lowest_ids():
+    # four tied most likely tokens (ids 1, 2, 4, 6), p ~ 0.238 each: top_p 0.3 keeps two of
+    # them, the two lowest ids, as the stable sort orders them
+    logits = torch.tensor([[0.0, 3.0, 3.0, 0.0, 3.0, 0.0, 3.0, 0.0]]).expand(2000, -1)
+    u = torch.rand(2000, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(top_p=0.3)
+    assert set(choose(logits, params, u).tolist()) == {1, 2}
+    assert_same_tokens(logits, params, u)
+    assert set(choose(logits, SamplingParams(top_k=3), u).tolist()) == {1, 2, 4}
+
+
+def test_the_comparison_catches_a_wrong_tie_order():
+    """The reference comparison can fail: the same probabilities with ties ordered the other
+    way are caught (so an unstable order of equal logits would be)."""
+    g = torch.Generator().manual_seed(3)
+    wrong = 0
+    for kind in ("ties", "bf16", "constant"):
+        logits = kind_logits(kind, 64, 1000, g)
+        u = uniforms_for(64, g)
+        for params in (SamplingParams(top_p=0.9), SamplingParams(top_k=50, top_p=0.5)):
+            flipped = ties_by_descending_id(logits, params, u)
+            wrong += int((flipped != ref_choose(logits, params, u)).sum())
+    assert wrong > 0
+
+
+def test_strided_rows_empty_batches_and_uniform_one():
+    g = torch.Generator().manual_seed(5)
+    logits = kind_logits("ties", 12, 300, g)
+    params = SamplingParams(top_p=0.8, temperature=0.8)
+    u = uniforms_for(12, g)
+    for c in range(3):  # the engine hands each continuation the rows c, c+k, ...
+        assert_same_tokens(logits[c::3], params, u[c::3], "strided")
+    assert choose(logits[:0], params, u[:0]).shape == (0,)
+    # u = 1.0 is outside [0, 1), but the reference's clamp then returns the last id in sorted
+    # order (the smallest logit, the largest id among ties): kept as it was
+    for kind in ("ties", "padded", "constant"):
+        rows = kind_logits(kind, 4, 300, g)
+        for params in (SamplingParams(top_k=1), SamplingParams(top_p=0.5),
+                       SamplingParams(top_k=5, top_p=0.9)):
+            assert_same_tokens(rows, params, torch.ones(4), f"u=1 {kind}")
+
+
+def test_nan_logits_fall_back_to_the_reference():
+    g = torch.Generator().manual_seed(6)
+    logits = kind_logits("model", 6, 500, g)
+    logits[2, 17] = float("nan")
+    logits[4] = float("nan")
+    for params in (SamplingParams(top_p=0.9), SamplingParams(top_k=5)):
+        u = uniforms_for(6, g)
+        assert torch.equal(choose(logits, params, u), ref_choose(logits, params, u))

@@ -6,26 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from remax_megatron import tiny
 from remax_megatron.config_io import ConfigError, save_yaml
 from remax_megatron.convert.commands import hf_to_mcore
 from remax_megatron.training import demo
-from remax_megatron.training import trainer as trainer_module
 from remax_megatron.training.config import load_config
 from remax_megatron.training.trainer import Trainer
 
 
-@pytest.fixture
-def nothing_built(monkeypatch):
-    """Any attempt to start the runtime or build a model fails the test."""
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model or process group was built before the config was checked")
-
-    monkeypatch.setattr(trainer_module, "init_runtime", forbidden)
-    monkeypatch.setattr(trainer_module, "build_policy", forbidden)
-    monkeypatch.setattr(trainer_module, "load_model", forbidden)
-    monkeypatch.setattr(trainer_module.RunDirectory, "prepare", forbidden)  # nothing written
 
 
 def fails(cfg, needle):
@@ -131,7 +121,7 @@ def test_cli_bad_config_is_one_line(tmp_path):
     ("train.global_batch_size=0", "train.global_batch_size=0 must be >= 1"),
     ("train.seed=-3", "train.seed=-3 must be >= 0"),
     ("train.steps=0", "train.steps=0 must be at least 1"),
-    ("train.dtype=bf16", "train.dtype=bf16 needs a GPU here"),
+    ("train.dtype=fp16", "train.dtype=fp16 needs a GPU (CPUs have no fp16 matmul kernels)"),
     ("train.dtype=fp8", "train.dtype='fp8': use auto, fp32, bf16 or fp16"),
     ("checkpoint.save_every=-2", "checkpoint.save_every=-2 must be >= 0 (0: only at the end)"),
     ("checkpoint.keep_last=-1", "checkpoint.keep_last=-1 must be >= 0 (0: keep every one)"),
@@ -151,6 +141,16 @@ def test_cli_bad_config_is_one_line(tmp_path):
 ])
 def test_more_bad_values(nothing_built, override, needle):
     fails(load_config(None, [override], base=demo.config()), needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU without bf16 kernels")
+def test_bf16_on_a_cpu_without_bf16_kernels(nothing_built, monkeypatch):
+    from remax_megatron.runtime import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
+    fails(load_config(None, ["train.dtype=bf16"], base=demo.config()),
+          "train.dtype=bf16: this CPU (it needs AVX512-BF16 or AMX) has no native bf16 support: "
+          "use fp32")
 
 
 @pytest.mark.parametrize("overrides,needle", [

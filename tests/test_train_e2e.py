@@ -5,6 +5,7 @@ metrics, a non-finite step that is skipped, and export of a training checkpoint 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import transformers
 
 from conftest import full_and_resumed_runs, run_metrics, run_python, run_torchrun, same_run
 from remax_megatron.convert.commands import mcore_to_hf
+from remax_megatron.runtime import precision
 
 # tied embeddings: at pp2 the last stage keeps its own copy, which must start and stay equal
 SMALL = ["train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=4",
@@ -147,6 +149,42 @@ def test_killed_and_resumed_distributed_optimizer_run_is_exact(tmp_path):
     full, broken = full_and_resumed_runs(
         [*SMALL, "train.steps=4", "checkpoint.save_every=2", "train.use_distributed_optimizer=true"],
         tmp_path, nproc=2)
+    same_run(metrics(full), metrics(broken), tol=0.0)
+    a = mcore_to_hf(full / "checkpoints" / "step_000004", tmp_path / "a")
+    b = mcore_to_hf(broken / "checkpoints" / "step_000004", tmp_path / "b")
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+BF16 = pytest.mark.skipif(not precision.bf16_supported(), reason="no native bf16 on this machine")
+
+
+@BF16
+def test_bf16_demo_raises_the_reward(tmp_path):
+    """The built-in demo in bf16 (Float16Module, fp32 main parameters in the optimizer): the
+    GPU's precision path, here on the CPU's bf16 kernels, learns as the fp32 run does."""
+    run = tmp_path / "run"
+    run_python(["-m", "remax_megatron", "train", "--output-dir", str(run), "train.dtype=bf16",
+                "log.tensorboard=false", "log.plot=false"])
+    rows = metrics(run)
+    assert len(rows) == 60 and all(m["skipped"] == 0 for m in rows)
+    first = sum(m["reward/sampled"] for m in rows[:5]) / 5
+    last = sum(m["reward/sampled"] for m in rows[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+    assert rows[-1]["reward/greedy"] > rows[0]["reward/greedy"] + 0.3
+    # rollout (bf16 KV-cached) and training (bf16 full-sequence) log-probs of the same tokens
+    assert max(m["logprob_mismatch"] for m in rows) < 0.05
+    saved = json.loads((run / "checkpoints" / "step_000060" / "remax_checkpoint.json").read_text())
+    assert saved["dtype"] == "bf16"
+
+
+@BF16
+def test_killed_and_resumed_bf16_run_is_exact(tmp_path):
+    """The fp32 main parameters and Adam's moments come back with the bf16 weights."""
+    full, broken = full_and_resumed_runs(
+        [*SMALL, "train.steps=4", "checkpoint.save_every=2", "train.dtype=bf16"], tmp_path)
     same_run(metrics(full), metrics(broken), tol=0.0)
     a = mcore_to_hf(full / "checkpoints" / "step_000004", tmp_path / "a")
     b = mcore_to_hf(broken / "checkpoints" / "step_000004", tmp_path / "b")

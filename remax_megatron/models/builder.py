@@ -6,8 +6,11 @@ Transformer Engine), pipeline stage flags, vocab padding, and the reward model's
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +21,10 @@ from .rope import scaled_inv_freq
 log = logging.getLogger(__name__)
 
 SPECS = ("auto", "local", "te")
+# activation recompute: none; selective (megatron's core attention: the [b, heads, s, s] scores and
+# softmax are recomputed in the backward); full (every layer keeps only its input, the whole layer
+# is recomputed in the backward, one layer per checkpoint)
+RECOMPUTE = ("none", "selective", "full")
 
 
 def transformer_engine_usable() -> bool:
@@ -49,12 +56,27 @@ def _activation(model: ModelConfig):
     return F.gelu, False
 
 
+def _recompute_settings(recompute: str) -> dict:
+    if recompute not in RECOMPUTE:
+        raise ConfigError(f"recompute={recompute!r} is unknown: use one of {', '.join(RECOMPUTE)}")
+    if recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
+    return {}
+
+
 def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1,
                        params_dtype: torch.dtype = torch.float32,
-                       perform_initialization: bool = True):
-    """megatron-core TransformerConfig for ``model`` at this layout and dtype."""
+                       perform_initialization: bool = True, recompute: str = "none",
+                       sequence_parallel: bool = False):
+    """megatron-core TransformerConfig for ``model`` at this layout and dtype, with activation
+    ``recompute`` (see RECOMPUTE) and megatron's sequence parallelism (tp > 1 only)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if sequence_parallel and tp < 2:
+        raise ConfigError(f"sequence_parallel needs tensor parallelism (tp >= 2), got tp={tp}")
     activation, gated = _activation(model)
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -91,6 +113,8 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1,
         cross_entropy_loss_fusion=False,
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=True,
+        sequence_parallel=sequence_parallel,
+        **_recompute_settings(recompute),
     )
 
 
@@ -101,6 +125,42 @@ def layer_spec(model: ModelConfig, spec: str = "auto"):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     normalization = "RMSNorm" if model.norm == "rmsnorm" else "LayerNorm"
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
+
+
+class SequenceParallelTorchNorm:
+    """torch's LayerNorm / RMSNorm for sequence parallelism (megatron's own WrappedTorchNorm,
+    the local spec's norm without apex, refuses it). Under sequence parallelism each tp rank
+    normalizes its own slice of the sequence, so a norm's weight gradient is a partial sum: the
+    ``sequence_parallel`` mark makes megatron's finalize_model_grads all-reduce it over tp (what
+    apex's FusedLayerNorm and Transformer Engine's norms do)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _block_spec(layers, cfg, pp_rank: int):
+    """The layer spec as a whole transformer block; under sequence parallelism with torch's norms
+    (the local spec without apex) every norm, the final one included, made sequence-parallel."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules, get_num_layers_to_build,
+    )
+
+    if not cfg.sequence_parallel or isinstance(layers, TransformerBlockSubmodules):
+        return layers
+    subs = layers.submodules
+    if WrappedTorchNorm not in (subs.input_layernorm, subs.pre_mlp_layernorm):
+        return layers  # apex's / Transformer Engine's norms support it themselves
+    norms = {name: SequenceParallelTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
+             if getattr(subs, name) is WrappedTorchNorm}
+    layer = dataclasses.replace(layers, submodules=dataclasses.replace(subs, **norms))
+    count = get_num_layers_to_build(cfg, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * count,
+                                      layer_norm=SequenceParallelTorchNorm)
 
 
 def _stage_flags(pg_collection) -> tuple[bool, bool]:
@@ -155,22 +215,33 @@ def _gpt_kwargs(model: ModelConfig, tp: int, pre: bool, post: bool) -> dict:
 
 
 def build_policy(model: ModelConfig, params_dtype: torch.dtype = torch.float32, spec: str = "auto",
-                 pg_collection=None, perform_initialization: bool = True):
-    """A megatron-core GPTModel for this rank's pipeline stage (parallel_state or ``pg_collection``)."""
+                 pg_collection=None, perform_initialization: bool = True,
+                 recompute: str = "none", sequence_parallel: bool = False):
+    """A megatron-core GPTModel for this rank's pipeline stage (parallel_state or
+    ``pg_collection``), with activation ``recompute`` (see RECOMPUTE) and sequence parallelism."""
     from megatron.core.models.gpt import GPTModel
 
     tp, pp = _group_sizes(pg_collection)
     pre, post = _stage_flags(pg_collection)
-    cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization)
+    cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization, recompute,
+                             sequence_parallel)
     gpt = GPTModel(
         config=cfg,
-        transformer_layer_spec=layer_spec(model, spec),
+        transformer_layer_spec=_block_spec(layer_spec(model, spec), cfg, _pp_rank(pg_collection)),
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         pg_collection=pg_collection,
         **_gpt_kwargs(model, tp, pre, post),
     )
     _finish(gpt, model)
     return gpt
+
+
+def _pp_rank(pg_collection) -> int:
+    if pg_collection is None:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_pipeline_model_parallel_rank()
+    return pg_collection.pp.rank()
 
 
 def _group_sizes(pg_collection) -> tuple[int, int]:
@@ -219,14 +290,16 @@ def _reward_model_class():
 
 def build_reward_model(model: ModelConfig, params_dtype: torch.dtype = torch.float32,
                        spec: str = "auto", pg_collection=None,
-                       perform_initialization: bool = True):
+                       perform_initialization: bool = True, recompute: str = "none",
+                       sequence_parallel: bool = False):
     """The reward model: the policy's backbone with a scalar head instead of the vocab projection."""
     tp, pp = _group_sizes(pg_collection)
     pre, post = _stage_flags(pg_collection)
-    cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization)
+    cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization, recompute,
+                             sequence_parallel)
     rm = _reward_model_class()(
         config=cfg,
-        transformer_layer_spec=layer_spec(model, spec),
+        transformer_layer_spec=_block_spec(layer_spec(model, spec), cfg, _pp_rank(pg_collection)),
         share_embeddings_and_output_weights=False,
         pg_collection=pg_collection,
         **_gpt_kwargs(model, tp, pre, post),
@@ -246,6 +319,44 @@ def _finish(gpt, model: ModelConfig) -> None:
 
 def build_model(model: ModelConfig, reward: bool = False, **kwargs):
     return (build_reward_model if reward else build_policy)(model, **kwargs)
+
+
+# the attributes megatron's layers read at forward time to work on sequence-parallel activations
+# (megatron.core.transformer.utils.set_model_to_sequence_parallel flips the same ones)
+SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel",
+                            "reduce_scatter_embeddings")
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model: torch.nn.Module):
+    """Run the block with megatron's sequence parallelism switched off in ``model`` (any wrapper
+    of it): the rollout's KV-cached walk over megatron's modules (rollout/forward.py) works on full
+    sequences of one token per row. Every module attribute that turns it on, and the config, are
+    set to False and restored afterwards, exactly as they were. Nothing happens without it."""
+    gpt = unwrap(model)
+    config = gpt.config
+    if not config.sequence_parallel:
+        yield
+        return
+    saved = [(module, name, getattr(module, name)) for module in gpt.modules()
+             for name in SEQUENCE_PARALLEL_ATTRS
+             if isinstance(getattr(module, name, None), bool)]
+    try:
+        config.sequence_parallel = False
+        for module, name, _ in saved:
+            setattr(module, name, False)
+        yield
+    finally:
+        config.sequence_parallel = True
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def sequence_multiple(model: torch.nn.Module) -> int:
+    """What a training micro-batch's sequence length must be a multiple of: tp under sequence
+    parallelism (megatron splits the sequence over the tensor-parallel ranks), else 1."""
+    config = unwrap(model).config
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -212,10 +212,11 @@ def load_weights(model, directory: Path) -> None:
 
 
 def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "auto",
-               pg_collection=None, expect_kind: Optional[str] = None):
+               pg_collection=None, expect_kind: Optional[str] = None, **build_options):
     """Build the model a checkpoint describes for this rank's tp/pp stage and load its weights.
 
-    Returns ``(model, checkpoint)``. ``params_dtype`` defaults to the dtype it was saved in.
+    Returns ``(model, checkpoint)``. ``params_dtype`` defaults to the dtype it was saved in;
+    ``build_options`` go to the builder (recompute, sequence_parallel).
     """
     from ..runtime.layout import validate_layout
     from .builder import _group_sizes
@@ -229,7 +230,8 @@ def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "au
     validate_layout(tp * pp, tp, pp, ckpt.config, what=f"{ckpt.meta.kind} model")
     dtype = params_dtype or dtype_from_name(ckpt.meta.dtype)
     model = build_model(ckpt.config, reward=ckpt.meta.is_reward, params_dtype=dtype, spec=spec,
-                        pg_collection=pg_collection, perform_initialization=False)
+                        pg_collection=pg_collection, perform_initialization=False,
+                        **build_options)
     load_weights(model, ckpt.path / WEIGHTS_DIR)
     # megatron keeps a few modules (learned positions, torch norms) in fp32 whatever params_dtype
     # says; one dtype throughout is what megatron's Float16Module would give, without the wrapper.

@@ -104,6 +104,31 @@ def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, true_vo
     return (log_probs, entropy) if with_entropy else log_probs
 
 
+def frame_log_probs(output: torch.Tensor, batch: dict, true_vocab_size: int,
+                    with_entropy: bool = False):
+    """A training micro-batch's per-token log-probs (and entropy) in its loss mask's frame
+    [rows, seq - 1] (position t predicts token t + 1).
+
+    ``output``: the policy's logits at every position [rows, seq, vocab/tp], or, when the batch
+    has ``logit_positions`` [n, 2] ((row, position) pairs; engine.output_layer_at), only there
+    [1, n, vocab/tp]; then the frame is zero elsewhere (the loss mask is too).
+    """
+    ids = batch["input_ids"]
+    positions = batch.get("logit_positions")
+    if positions is None:
+        return vocab_parallel_log_probs(output[:, :-1], ids[:, 1:], true_vocab_size,
+                                        with_entropy=with_entropy)
+    rows, cols = positions[:, 0], positions[:, 1]
+    picked = vocab_parallel_log_probs(output[0], ids[rows, cols + 1], true_vocab_size,
+                                      with_entropy=with_entropy)
+    frame = batch["loss_mask"].shape
+
+    def in_frame(values):
+        return values.new_zeros(frame).index_put((rows, cols), values)
+
+    return tuple(map(in_frame, picked)) if with_entropy else in_frame(picked)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over positions where ``mask`` is set (padded rows excluded)."""
     mask = mask.to(values.dtype)

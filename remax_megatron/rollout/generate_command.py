@@ -18,9 +18,11 @@ import torch.distributed as dist
 from ..config_io import ConfigError, atomic_write_text
 from ..data.prompts import load_prompts
 from ..data.tokenizer import eos_token_ids, load_tokenizer
+from ..models.builder import dtype_from_name
 from ..models.checkpoint import load_model, read_checkpoint
 from ..models.locate import resolve_checkpoint
 from ..runtime.layout import validate_layout
+from ..runtime.precision import check_precision
 from .engine import generate
 from .sampling import GREEDY, SamplingParams
 
@@ -40,6 +42,7 @@ class GenerateArgs:
     batch_size: int = 16
     tokenizer: str | None = None
     pipeline_micro_batches: int = 0
+    dtype: str = "auto"  # the weights' dtype for generation; auto: as the checkpoint stores them
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +62,8 @@ def run_generate(args: GenerateArgs) -> int:
 
     # Every check a user can fail comes before the tokenizer, the process groups and the weights.
     check_numbers(args)
+    params_dtype = None if args.dtype == "auto" else dtype_from_name(args.dtype)
+    check_precision(args.dtype, "--dtype")
     check_output_writable(args.output)
     if not Path(args.input).is_file():
         raise ConfigError(f"--input {args.input} is not a file: give a JSONL file of "
@@ -80,7 +85,7 @@ def run_generate(args: GenerateArgs) -> int:
                               f"{limit} positions: shorten it or lower --max-new-tokens")
     runtime = init_runtime(tp=args.tp, pp=args.pp, seed=args.seed, model=checkpoint.config)
     try:
-        model, _ = load_model(load)
+        model, _ = load_model(load, params_dtype=params_dtype)
         model = model.to(runtime.device)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = prompts[dp_rank::dp]

@@ -9,7 +9,9 @@ RNG tracker in the CUDA generator. This module removes those assumptions without
   no-op and reports ``torch.cuda.*Tensor`` type names for CPU tensors;
 * the handful of ``torch.cuda`` functions megatron calls get CPU equivalents (the "CUDA" RNG is
   the CPU generator, streams and events do nothing, synchronize returns at once);
-* megatron's private RNG helpers read and write the CPU generator.
+* megatron's private RNG helpers read and write the CPU generator;
+* a backward started with ``torch.autograd.backward`` / ``Tensor.backward`` (megatron's activation
+  recompute starts one inside its own backward) keeps the mode on in its backward functions.
 
 ``install()`` is a strict no-op when CUDA is available, and idempotent.
 """
@@ -63,6 +65,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            return _backward_under(self, func, args, kwargs)
         if func is torch.Tensor.type:
             return _tensor_type(*args, **kwargs)
         if "device" in kwargs:
@@ -70,6 +74,47 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+
+def _backward_under(mode, func, args, kwargs):
+    """``torch.autograd.backward`` / ``Tensor.backward`` with the mode on during the backward.
+
+    torch runs a mode's handler with the mode popped, and the autograd engine runs every backward
+    function under the mode stack it was started with: a backward started through the handler
+    would run megatron's backward functions without the mode. The main backward (megatron's
+    schedules call the engine directly) keeps it, but megatron's activation recompute calls
+    ``torch.autograd.backward`` inside its own backward, and under sequence parallelism the
+    recomputed layers' backward gathers into ``device=torch.cuda.current_device()`` buffers.
+    So the engine is started here, with the mode pushed back, as torch.autograd.backward does."""
+    import inspect
+
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+    from torch.overrides import is_tensor_like
+
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if func is torch.Tensor.backward:
+        tensors, grad_tensors = (a["self"],), a["gradient"]
+    else:
+        tensors, grad_tensors = a["tensors"], a["grad_tensors"]
+        if grad_tensors is None:
+            grad_tensors = a.get("grad_variables")
+        tensors = (tensors,) if is_tensor_like(tensors) else tuple(tensors)
+    inputs = a["inputs"]
+    inputs = () if inputs is None else (inputs,) if is_tensor_like(inputs) else inputs
+    if not isinstance(inputs, (tuple, list)) or (a["inputs"] is not None and not inputs) or not all(
+            is_tensor_like(t) for t in (*tensors, *inputs)):
+        return func(*args, **kwargs)  # gradient edges, inputs by name, errors: torch's own way
+    inputs = tuple(inputs)
+    create_graph = bool(a["create_graph"])
+    retain_graph = create_graph if a["retain_graph"] is None else a["retain_graph"]
+    with mode:
+        grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)),
+                            is_grads_batched=False)
+        _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs,
+                             allow_unreachable=True, accumulate_grad=True)
 
 
 def _tensor_type(tensor, dtype=None, non_blocking=False, **kwargs):
@@ -216,6 +261,26 @@ def _ensure_mode_on_this_thread() -> None:
 
     if _mode is not None and _mode not in _get_current_function_mode_stack():
         _mode.__enter__()
+        if threading.current_thread() is not threading.main_thread():
+            _thread_exit.sentinel = _EmptyStackOnThreadExit()
+
+
+class _EmptyStackOnThreadExit:
+    """Empties the exiting thread's torch-function mode stack while its Python state is cleared
+    (thread-local objects are released on the exiting thread, before join() returns). Left to
+    torch's C++ thread-local destructor, the mode would be released after the thread's Python
+    state is gone, racing the interpreter's shutdown: "terminate called without an active
+    exception" at exit, now and then."""
+
+    def __del__(self):
+        try:
+            while torch._C._len_torch_function_stack():
+                torch._C._pop_torch_function_stack()
+        except Exception:  # interpreter shutting down: nothing left to protect
+            pass
+
+
+_thread_exit = threading.local()
 
 
 def is_installed() -> bool:

@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ..algorithms import AlgorithmConfig
 from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ..models.config import ModelConfig
 from ..rollout.sampling import SamplingParams
+from ..runtime.precision import check_precision
 
 
 @dataclass
@@ -28,6 +27,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     backend: str = "auto"
+    # megatron's sequence parallelism (tp >= 2): norms, dropout and residuals work on 1/tp of the
+    # sequence, the tensor-parallel all-reduces become reduce-scatter / all-gather pairs; the
+    # rollout runs with it switched off
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -92,6 +95,9 @@ class TrainConfig:
     use_distributed_optimizer: bool = False
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
     seed: int = 1234
+    # activation recompute in the policy's training forward/backward: none, selective (core
+    # attention) or full (each layer recomputed from its input)
+    recompute: str = "none"
 
 
 @dataclass
@@ -165,6 +171,7 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
     if cfg.data.eval_path is not None and not Path(cfg.data.eval_path).is_file():
         raise ConfigError(f"data.eval_path={cfg.data.eval_path} does not exist")
     _check_ranges(cfg)
+    _check_scale_features(cfg)
     layout = validate_layout(world_size, cfg.parallel.tp, cfg.parallel.pp, p.model, "policy")
     validate_layout(world_size, cfg.reward.tp, cfg.reward.pp, None, "reward model")
     for name, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
@@ -229,8 +236,20 @@ def _check_ranges(cfg: RunConfig) -> None:
     if lg.eval_every and cfg.data.eval_path is None:
         raise ConfigError(f"log.eval_every={lg.eval_every} needs data.eval_path (held-out "
                           "prompts): set it, or remove log.eval_every")
-    if t.dtype in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise ConfigError(f"train.dtype={t.dtype} needs a GPU here: use fp32 (or auto) on CPU")
+    check_precision(t.dtype, "train.dtype")
+
+
+def _check_scale_features(cfg: RunConfig) -> None:
+    """train.recompute and parallel.sequence_parallel."""
+    from ..models.builder import RECOMPUTE
+
+    if cfg.train.recompute not in RECOMPUTE:
+        raise ConfigError(f"train.recompute={cfg.train.recompute!r}: use "
+                          f"{', '.join(RECOMPUTE[:-1])} or {RECOMPUTE[-1]}")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp < 2:
+        raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tp >= 2 (it splits "
+                          "the sequence over the tensor-parallel ranks), got "
+                          f"tp={cfg.parallel.tp}: raise tp or turn it off")
 
 
 def _check_batch_split(cfg: RunConfig, dp: int) -> None:

@@ -9,12 +9,15 @@ per sequence or per anything is exact whatever the micro-batching and dp size.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+
+from ..models.builder import unwrap
 
 
 @dataclass
@@ -27,6 +30,24 @@ class OptimizerSettings:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+
+
+def to_precision(model, dtype: torch.dtype, device: torch.device):
+    """``model`` on ``device`` in ``dtype``: fp32 as it is; bf16 / fp16 (on a GPU, and bf16 on a
+    CPU with bf16 kernels) through megatron's Float16Module, whose optimizer keeps fp32 main
+    parameters. One path for both devices: CI exercises the precision path GPU users run."""
+    model = model.to(dtype)  # before the move: never the fp32 model on the GPU
+    config = model.config
+    config.params_dtype = dtype
+    config.pipeline_dtype = dtype  # megatron sizes pipeline receive buffers by it
+    config.bf16 = dtype == torch.bfloat16
+    config.fp16 = dtype == torch.float16
+    model = model.to(device)
+    if dtype != torch.float32:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
+    return model
 
 
 def wrap_ddp(model, use_distributed_optimizer: bool = False, grad_reduce_in_fp32: bool = True):
@@ -74,21 +95,66 @@ def build_optimizer(ddp_model, settings: OptimizerSettings):
 
 def _forward_step(loss_fn: Callable, data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
+    with output_layer_at(model, batch.get("logit_positions")):
+        output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
     return output, partial(loss_fn, batch=batch)
+
+
+@contextlib.contextmanager
+def output_layer_at(model, positions: torch.Tensor | None):
+    """Run the policy's output layer only at ``positions`` [n, 2] ((row, position) pairs): the
+    model then returns logits [1, n, vocab/tp] instead of [rows, seq, vocab/tp]. A prompt
+    position's logits are never read by a loss, and the vocabulary projection (with its
+    vocab-sized fp32 buffers in the log-softmax) is the largest single cost of a small model's
+    step. Models without a vocabulary projection (reward, critic) and stages without the output
+    layer run as they are."""
+    layer = getattr(unwrap(model), "output_layer", None)
+    if positions is None or layer is None:
+        yield
+        return
+    sequence_parallel = layer.sequence_parallel
+
+    def select(module, args, kwargs):
+        hidden = args[0]  # [s, b, h] (s / tp under sequence parallelism)
+        if sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            # the layer below, now told it is not sequence parallel, all-reduces the input's
+            # gradient itself: this gather's backward must only split it (no reduce-scatter)
+            hidden = gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=module.tp_group)
+            module.sequence_parallel = False
+        picked = hidden[positions[:, 1], positions[:, 0]].unsqueeze(1)  # [n, 1, h]
+        return (picked, *args[1:]), kwargs
+
+    def restore(module, args, output):
+        module.sequence_parallel = sequence_parallel
+
+    handles = [layer.register_forward_pre_hook(select, with_kwargs=True),
+               layer.register_forward_hook(restore)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        layer.sequence_parallel = sequence_parallel
 
 
 def forward_backward(model, batches: Iterable[dict], loss_fn: Callable, seq_length: int,
                      micro_batch_size: int, forward_only: bool = False) -> list[dict]:
     """Run every micro-batch in ``batches`` through megatron's schedule.
 
-    Each batch holds ``input_ids`` and ``position_ids`` [mbs, seq_length] (same shape on every
-    stage: pipeline stages exchange fixed-shape activations) and whatever ``loss_fn`` reads.
+    Each batch holds ``input_ids`` and ``position_ids`` [mbs, seq] (the same on every stage;
+    ``seq`` may differ between micro-batches, up to ``seq_length``), optionally
+    ``logit_positions`` (see output_layer_at), and whatever ``loss_fn`` reads.
     Returns the metrics dicts ``loss_fn`` produced (last pipeline stage; empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batches = list(batches)
+    # micro-batches trimmed to their own longest row: pipeline stages then exchange each
+    # activation's shape before the activation (megatron's variable sequence lengths)
+    model.config.variable_seq_lengths = len({b["input_ids"].shape for b in batches}) > 1
     if not forward_only:
         model.zero_grad_buffer()
     forward_backward_func = get_forward_backward_func()

@@ -58,40 +58,59 @@ def split_rewards(shape: RolloutShape, rewards: torch.Tensor):
 
 
 def micro_batches(shape: RolloutShape, mine, out, outcome: torch.Tensor, pad_id: int,
-                  micro_batch_size: int, device) -> tuple[list[dict], int]:
+                  micro_batch_size: int, device, groups: int = 1,
+                  by_length: bool = True, width_multiple: int = 1) -> tuple[list[dict], int]:
     """The sampled responses as right-padded [prompt; response] rows split into micro-batches.
 
     Per row: ``loss_mask`` marks the response tokens in the next-token-prediction frame (position
     t predicts token t + 1, so the frame is one shorter than the row), ``rollout_log_probs`` the
-    log-probs the rollout saw there, and ``outcome`` [B * n] the algorithm's per-sequence value
-    (ReMax/RLOO/GRPO: the advantage; PPO: the terminal score).
+    log-probs the rollout saw there, ``outcome`` [B * n] the algorithm's per-sequence value
+    (ReMax/RLOO/GRPO: the advantage; PPO: the terminal score), ``rows`` its index among the
+    trained responses, and ``logit_positions`` [tokens, 2] the (row, position) pairs of the
+    frame whose log-probs the loss reads (the output layer runs only there).
+
+    ``by_length``: within each of ``groups`` contiguous groups of rows (the mini-batches, whose
+    membership must not change), rows are ordered by length, so each micro-batch holds rows of
+    similar length and is only as wide as its longest row (rounded up to ``width_multiple``);
+    the loss is a global sum over rows, so only the summation order changes. Otherwise rows stay
+    in rollout order, every micro-batch as wide as the longest row of all. Returns the
+    micro-batches and the widest one's width.
     """
     rows = shape.sampled_rows(len(mine))
     tokens, lengths, log_probs = out.tokens.tolist(), out.lengths.tolist(), out.log_probs.cpu()
     prompts = [mine[r // shape.k][1].ids for r in rows]
     seqs = [list(p) + tokens[r][:lengths[r]] for p, r in zip(prompts, rows)]
-    width = max(len(s) for s in seqs)
-    n = len(seqs)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros(n, width - 1)
-    rollout_lp = torch.zeros(n, width - 1)
-    for i, (r, seq, prompt) in enumerate(zip(rows, seqs, prompts)):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        start, length = len(prompt) - 1, lengths[r]
-        mask[i, start:start + length] = 1
-        rollout_lp[i, start:start + length] = log_probs[r, :length]
     outcome = outcome.reshape(-1).float()
-    m = micro_batch_size
+    order = list(range(len(seqs)))
+    if by_length:
+        per = len(order) // groups
+        order = [i for g in range(groups)
+                 for i in sorted(order[g * per:(g + 1) * per], key=lambda i: -len(seqs[i]))]
+    longest = max(len(s) for s in seqs)
     batches = []
-    for s in range(0, n, m):
+    for start in range(0, len(order), micro_batch_size):
+        chosen = order[start:start + micro_batch_size]
+        width = max(len(seqs[i]) for i in chosen) if by_length else longest
+        width = -(-width // width_multiple) * width_multiple
+        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chosen), width - 1)
+        rollout_lp = torch.zeros(len(chosen), width - 1)
+        for j, i in enumerate(chosen):
+            seq, r = seqs[i], rows[i]
+            ids[j, :len(seq)] = torch.tensor(seq)
+            begin, length = len(prompts[i]) - 1, lengths[r]
+            mask[j, begin:begin + length] = 1
+            rollout_lp[j, begin:begin + length] = log_probs[r, :length]
         batches.append({
-            "input_ids": ids[s:s + m].to(device),
-            "position_ids": torch.arange(width).expand(min(m, n - s), width).to(device),
-            "loss_mask": mask[s:s + m].to(device),
-            "rollout_log_probs": rollout_lp[s:s + m].to(device),
-            "outcome": outcome[s:s + m].to(device),
+            "input_ids": ids.to(device),
+            "position_ids": torch.arange(width).expand(len(chosen), width).to(device),
+            "loss_mask": mask.to(device),
+            "logit_positions": mask.nonzero().to(device),
+            "rollout_log_probs": rollout_lp.to(device),
+            "outcome": outcome[chosen].to(device),
+            "rows": torch.tensor(chosen, device=device),
         })
-    return batches, width
+    return batches, max(b["input_ids"].size(1) for b in batches)
 
 
 def mini_batches(batches: list[dict], count: int) -> list[list[dict]]:

@@ -23,12 +23,14 @@ from ..data.loader import PromptLoader, share_of
 from ..data.prompts import Prompt, load_prompts
 from ..data.tokenizer import check_fits, eos_token_ids, load_tokenizer
 from ..convert.hf_files import GENERATION_CONFIG
-from ..models.builder import build_policy, dtype_from_name, unwrap
+from ..models.builder import (
+    build_policy, dtype_from_name, sequence_multiple, sequence_parallel_off, unwrap,
+)
 from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_checkpoint
 from ..models.hf_config import HFModelInfo, to_hf_config
 from ..models.locate import resolve_checkpoint
 from ..models.sharding import load_full_state_dict, seeded_full_weights
-from ..ops.logprobs import vocab_parallel_log_probs
+from ..ops.logprobs import frame_log_probs
 from ..rollout.engine import generate
 from ..rollout.generate_command import left_pad
 from ..rollout.sampling import GREEDY, SamplingParams
@@ -43,7 +45,7 @@ from .critic import CRITIC_DIR, Critic, check_critic_fits, describe_critic
 from .critic import STATS as CRITIC_STATS
 from .engine import (
     OptimizerSettings, apply_optimizer_settings, build_optimizer, build_scheduler, forward_only,
-    optimizer_settings, restore_schedule, update, wrap_ddp,
+    optimizer_settings, restore_schedule, to_precision, update, wrap_ddp,
 )
 from .export import HF_DIR, export_hf
 from .experience import (
@@ -267,28 +269,18 @@ class Trainer:
 
     def _build_policy(self):
         p = self.cfg.policy
+        # megatron's scale features (the frozen reference, forward-only, needs neither)
+        scale = dict(recompute=self.cfg.train.recompute,
+                     sequence_parallel=self.cfg.parallel.sequence_parallel)
         if p.load is not None:
-            return self._precision(load_model(p.load)[0])
+            return self._precision(load_model(p.load, **scale)[0])
         # A fresh model starts from the same weights at every layout (see seeded_full_weights).
-        model = build_policy(p.model, perform_initialization=False)
+        model = build_policy(p.model, perform_initialization=False, **scale)
         load_full_state_dict(model, seeded_full_weights(model, self.cfg.train.seed))
         return self._precision(model)
 
     def _precision(self, model):
-        """fp32 on CPU; on GPU bf16/fp16 through megatron's Float16Module (fp32 main params
-        live in the optimizer)."""
-        model = model.to(self.dtype)  # before the move: never the fp32 model on the GPU
-        config = model.config
-        config.params_dtype = self.dtype
-        config.pipeline_dtype = self.dtype  # megatron sizes pipeline receive buffers by it
-        config.bf16 = self.dtype == torch.bfloat16
-        config.fp16 = self.dtype == torch.float16
-        model = model.to(self.device)
-        if self.dtype != torch.float32:
-            from megatron.core.transformer.module import Float16Module
-
-            model = Float16Module(config, model)
-        return model
+        return to_precision(model, self.dtype, self.device)
 
     def _build_reference(self):
         """A frozen copy of the initial policy (only when kl_coef > 0)."""
@@ -363,16 +355,18 @@ class Trainer:
         r = self.cfg.rollout
         sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         ids, mask = left_pad([p.ids for _, p in mine], self.pad)
-        return generate(self.ddp, ids, mask, continuations=self.shape.continuations(sampling),
-                        max_new_tokens=r.max_new_tokens, eos_token_ids=self.eos,
-                        vocab_size=self.policy.config.vocab_size,
-                        seed=mix_seed(self.cfg.train.seed, self.step),
-                        sample_ids=torch.tensor([uid for uid, _ in mine]),
-                        pad_token_id=self.pad, pipeline_micro_batches=r.pipeline_micro_batches)
+        with sequence_parallel_off(self.ddp):  # the KV-cached walk works on whole sequences
+            return generate(self.ddp, ids, mask,
+                            continuations=self.shape.continuations(sampling),
+                            max_new_tokens=r.max_new_tokens, eos_token_ids=self.eos,
+                            vocab_size=self.policy.config.vocab_size,
+                            seed=mix_seed(self.cfg.train.seed, self.step),
+                            sample_ids=torch.tensor([uid for uid, _ in mine]),
+                            pad_token_id=self.pad,
+                            pipeline_micro_batches=r.pipeline_micro_batches)
 
     def _log_probs(self, output, batch, with_entropy: bool = False):
-        return vocab_parallel_log_probs(output[:, :-1], batch["input_ids"][:, 1:],
-                                        self.policy.config.vocab_size, with_entropy=with_entropy)
+        return frame_log_probs(output, batch, self.policy.config.vocab_size, with_entropy)
 
     def _reference_log_probs(self, batches, width) -> None:
         """The frozen reference's log-probs of the sampled tokens (last stage only)."""
@@ -464,7 +458,9 @@ class Trainer:
         outcome = self.alg.sequence_advantages(sampled, greedy, alg)
         t_reward = time.time()
 
-        batches, width = micro_batches(self.shape, mine, out, outcome, self.pad, mbs, self.device)
+        batches, width = micro_batches(self.shape, mine, out, outcome, self.pad, mbs, self.device,
+                                       groups=alg.mini_batches or 1,
+                                       width_multiple=sequence_multiple(self.ddp))
         self._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64,
                                        device=self.device)
         self._update_stats = torch.zeros(len(UPDATE_STATS), device=self.device)
@@ -499,12 +495,13 @@ class Trainer:
             items, lengths = [], torch.zeros(0)
             if chunk:
                 ids, mask = left_pad([p.ids for _, p in chunk], self.pad)
-                out = generate(self.ddp, ids, mask, continuations=[GREEDY],
-                               max_new_tokens=self.cfg.rollout.max_new_tokens,
-                               eos_token_ids=self.eos, vocab_size=self.policy.config.vocab_size,
-                               seed=0, sample_ids=torch.tensor([i for i, _ in chunk]),
-                               pad_token_id=self.pad,
-                               pipeline_micro_batches=self.cfg.rollout.pipeline_micro_batches)
+                with sequence_parallel_off(self.ddp):
+                    out = generate(
+                        self.ddp, ids, mask, continuations=[GREEDY],
+                        max_new_tokens=self.cfg.rollout.max_new_tokens, eos_token_ids=self.eos,
+                        vocab_size=self.policy.config.vocab_size, seed=0,
+                        sample_ids=torch.tensor([i for i, _ in chunk]), pad_token_id=self.pad,
+                        pipeline_micro_batches=self.cfg.rollout.pipeline_micro_batches)
                 items, lengths = reward_items(EVAL_SHAPE, chunk, out, self.tokenizer), out.lengths
             rewards = agreed(lambda: self.reward.score(items) if items or self.reward.collective
                               else torch.zeros(0))

@@ -55,19 +55,19 @@ def fake_rollout(mine, ref, shape) -> GenerationOutput:
 
 
 def put_per_token(batches, per_response: list[list[float]], key: str) -> None:
-    """Per-response values onto each batch's response positions (the loss mask's frame)."""
-    row = 0
+    """Per-response values onto each batch's response positions (the loss mask's frame); a
+    batch's ``rows`` name its responses (micro-batches group them by length)."""
     for batch in batches:
         frame = torch.zeros_like(batch["loss_mask"])
-        for r in range(frame.size(0)):
-            on = batch["loss_mask"][r].bool()
-            frame[r, on] = torch.tensor(per_response[row][:int(on.sum())])
-            row += 1
+        for j, row in enumerate(batch["rows"].tolist()):
+            on = batch["loss_mask"][j].bool()
+            frame[j, on] = torch.tensor(per_response[row][:int(on.sum())])
         batch[key] = frame
 
 
 def main() -> int:
     parser = layout_parser()
+    parser.add_argument("--dtype", default="fp32")
     args = parser.parse_args()
     ref = torch.load(args.ref, weights_only=False)
     alg = dict(ref["algorithm"])
@@ -78,7 +78,7 @@ def main() -> int:
         f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
         f"train.global_batch_size={len(prompts)}", "train.micro_batch_size=2",
         f"rollout.n_samples={n}", f"output_dir={Path(args.report).parent / 'run'}",
-        "log.tensorboard=false", *[f"algorithm.{k}={v}" for k, v in alg.items()],
+        "log.tensorboard=false", f"train.dtype={args.dtype}", *[f"algorithm.{k}={v}" for k, v in alg.items()],
     ], base=demo.config())
     trainer = Trainer(cfg)
     from megatron.core import parallel_state as ps
@@ -115,7 +115,8 @@ def main() -> int:
         for shards in stages.values():
             full.update(assemble_full(shards, trainer.policy.config.vocab_size))
         s = dict(zip(UPDATE_STATS, stats.tolist()))
-        report = {"loss": abs(s["loss"] / s["normalizer"] - ref["expected_loss"])}
+        report = {"loss": abs(s["loss"] / s["normalizer"] - ref["expected_loss"]) / max(
+            1.0, abs(ref["expected_loss"]))}
         scale = max(t.abs().max().item() for t in ref["expected_grads"].values())
         for name, want in ref["expected_grads"].items():
             got = full[name]

@@ -1,0 +1,264 @@
+"""Megatron's scale features as config: activation recompute (train.recompute) and sequence
+parallelism (parallel.sequence_parallel), each equivalent to the run without it.
+
+- recompute: none / selective / full give bit-identical gradients, gradient norms and weights
+  after an optimizer step on one process, and megatron really recomputes (layers / core attention
+  run twice per micro-batch);
+- sequence parallelism at tp2 (and tp2 x pp2), alone and with recompute, against a single-process
+  reference: loss, gathered gradients (the norms' are partial sums per rank, all-reduced by
+  megatron), gradient norm, weights after the step, and the rollout's tokens with sequence
+  parallelism switched off around it (every attribute restored afterwards);
+- the trainer: a 2-rank run with sequence parallelism (or recompute) logs the metrics of the same
+  run without it;
+- bad values fail with one line before anything is built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import WORKERS, read_json, run_metrics, run_python, run_torchrun, same_run
+from remax_megatron.config_io import ConfigError
+from remax_megatron.models.builder import (
+    RECOMPUTE, build_policy, sequence_multiple, sequence_parallel_off, transformer_config,
+)
+from remax_megatron.models.config import ModelConfig
+from remax_megatron.training import demo
+from remax_megatron.training.config import load_config
+from remax_megatron.training.trainer import Trainer
+
+WORKER = str(WORKERS / "scale_features.py")
+LLAMA = ModelConfig.llama(num_layers=2, hidden_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, ffn_hidden_size=96, vocab_size=100,
+                          max_position_embeddings=64)
+GPT2 = ModelConfig.gpt2(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=130,
+                        max_position_embeddings=64)
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+def fails(overrides, needle):
+    cfg = load_config(None, overrides, base=demo.config())
+    with pytest.raises(ConfigError) as err:
+        Trainer(cfg)
+    assert needle in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_defaults_are_off():
+    cfg = load_config(None, [], base=demo.config())
+    assert cfg.train.recompute == "none" and cfg.parallel.sequence_parallel is False
+
+
+def test_unknown_recompute_mode(nothing_built):
+    fails(["train.recompute=partial"], "train.recompute='partial': use none, selective or full")
+
+
+def test_sequence_parallel_needs_tensor_parallelism(nothing_built):
+    fails(["parallel.sequence_parallel=true"],
+          "parallel.sequence_parallel=true needs parallel.tp >= 2")
+
+
+def test_sequence_parallel_must_be_a_bool(nothing_built):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["parallel.sequence_parallel=sometimes"], base=demo.config())
+    assert "parallel.sequence_parallel" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_builder_rejects_bad_values():
+    with pytest.raises(ConfigError, match="recompute='everything' is unknown"):
+        transformer_config(LLAMA, recompute="everything")
+    with pytest.raises(ConfigError, match="sequence_parallel needs tensor parallelism"):
+        transformer_config(LLAMA, tp=1, sequence_parallel=True)
+
+
+def test_transformer_config_settings():
+    assert transformer_config(LLAMA).recompute_granularity is None
+    selective = transformer_config(LLAMA, recompute="selective")
+    assert (selective.recompute_granularity, selective.recompute_modules) == (
+        "selective", ["core_attn"])
+    full = transformer_config(LLAMA, recompute="full")
+    assert (full.recompute_granularity, full.recompute_method, full.recompute_num_layers) == (
+        "full", "uniform", 1)
+
+
+def test_switch_is_a_no_op_without_sequence_parallelism(megatron_runtime):
+    model = build_policy(LLAMA)
+    before = [(name, m.sequence_parallel) for name, m in model.named_modules()
+              if isinstance(getattr(m, "sequence_parallel", None), bool)]
+    with sequence_parallel_off(model):
+        assert model.config.sequence_parallel is False
+    assert before == [(name, m.sequence_parallel) for name, m in model.named_modules()
+                      if isinstance(getattr(m, "sequence_parallel", None), bool)]
+    assert sequence_multiple(model) == 1
+
+
+def test_cpu_layer_stays_on_in_a_backward_started_inside_a_backward(megatron_runtime):
+    """megatron's recompute calls torch.autograd.backward inside its own backward; the backward
+    functions it reaches (sequence-parallel gathers) allocate on "the CUDA device". torch runs a
+    mode's handler with the mode popped, so the CPU layer starts such a backward itself."""
+    from remax_megatron.runtime import cpu_compat
+
+    if not cpu_compat.is_installed():
+        pytest.skip("the CPU layer is only installed without CUDA")
+
+    class OnCudaDevice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            out = torch.empty(grad.shape, device=torch.cuda.current_device())
+            return out.copy_(grad) * 2
+
+    class Recomputed(torch.autograd.Function):  # megatron's CheckpointFunction in small
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            with torch.no_grad():
+                return OnCudaDevice.apply(x) * 3
+
+        @staticmethod
+        def backward(ctx, grad):
+            x = ctx.saved_tensors[0].detach().requires_grad_()
+            with torch.enable_grad():
+                out = OnCudaDevice.apply(x) * 3
+            torch.autograd.backward(out, grad)
+            return x.grad
+
+    x = torch.ones(3, requires_grad=True)
+    Recomputed.apply(x).sum().backward()
+    assert x.grad.tolist() == [6.0] * 3
+    x.grad = None
+    torch.autograd.backward([Recomputed.apply(x).sum()], [torch.tensor(2.0)], inputs=[x])
+    assert x.grad.tolist() == [12.0] * 3
+
+
+# --- recompute on one process --------------------------------------------------------------------
+def _one_step(config: ModelConfig, recompute: str) -> dict:
+    from remax_megatron.models.sharding import load_full_state_dict, seeded_full_weights
+    from remax_megatron.ops.logprobs import vocab_parallel_log_probs
+    from remax_megatron.training.engine import (
+        OptimizerSettings, build_optimizer, update, wrap_ddp,
+    )
+
+    model = build_policy(config, perform_initialization=False, recompute=recompute)
+    load_full_state_dict(model, seeded_full_weights(model, 11))
+    calls = {"layer": 0, "core_attention": 0}
+    for layer in model.decoder.layers:
+        layer.register_forward_hook(lambda *a: calls.__setitem__("layer", calls["layer"] + 1))
+        layer.self_attention.core_attention.register_forward_hook(
+            lambda *a: calls.__setitem__("core_attention", calls["core_attention"] + 1))
+    ddp = wrap_ddp(model)
+    optimizer = build_optimizer(ddp, OptimizerSettings(lr=1e-3, weight_decay=0.0, clip_grad=0.5))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, config.vocab_size, (4, 11), generator=g)
+    weight = torch.randn(4, 10, generator=g)
+    batches = [{"input_ids": ids[s:s + 2], "position_ids": torch.arange(11).expand(2, 11),
+                "weight": weight[s:s + 2]} for s in (0, 2)]
+    losses = []
+
+    def loss_fn(output, batch):
+        lp = vocab_parallel_log_probs(output[:, :-1], batch["input_ids"][:, 1:],
+                                      config.vocab_size)
+        loss = -(lp * batch["weight"]).sum()
+        losses.append(loss.detach())
+        return loss, torch.tensor(lp.numel(), dtype=torch.int), {}
+
+    applied, grad_norm = update(ddp, optimizer, batches, loss_fn, 11, 2)
+    assert applied
+    return {"loss": torch.stack(losses), "grad_norm": grad_norm, "calls": calls,
+            "grads": {n: p.main_grad.clone() for n, p in model.named_parameters()},
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_recompute_gives_identical_gradients_and_update(config, megatron_runtime):
+    runs = {mode: _one_step(config, mode) for mode in RECOMPUTE}
+    none = runs["none"]
+    micro_batches, layers = 2, config.num_layers
+    assert none["calls"] == {"layer": micro_batches * layers,
+                             "core_attention": micro_batches * layers}
+    # selective: core attention again in the backward; full: whole layers again
+    assert runs["selective"]["calls"] == {"layer": micro_batches * layers,
+                                          "core_attention": 2 * micro_batches * layers}
+    assert runs["full"]["calls"] == {"layer": 2 * micro_batches * layers,
+                                     "core_attention": 2 * micro_batches * layers}
+    for mode in ("selective", "full"):
+        run = runs[mode]
+        assert torch.equal(run["loss"], none["loss"]), mode
+        assert run["grad_norm"] == none["grad_norm"], mode
+        for key in ("grads", "weights"):
+            for name, value in none[key].items():
+                assert torch.equal(run[key][name], value), (mode, key, name)
+    assert any(v.abs().max() > 0 for v in none["grads"].values())
+
+
+# --- sequence parallelism (and recompute) across ranks ------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "reference.pt"
+    run_python([WORKER, "--reference", str(path)])
+    return path
+
+
+TOL = {"loss": 1e-5, "grad_norm": 1e-5, "grads": 2e-5, "weights": 1e-5, "applied": 0.0,
+       "tokens": 0.0, "restored": 0.0}
+LAYOUTS = {
+    "tp2": (2, ["--tp", "2"], ("no_sp", "sp", "sp_selective", "sp_full")),
+    "tp2_pp2": (4, ["--tp", "2", "--pp", "2"], ("no_sp", "sp")),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sequence_parallel_matches_single_rank(layout, reference, tmp_path):
+    nproc, flags, settings = LAYOUTS[layout]
+    run_torchrun(nproc, [WORKER, "--check", str(reference), "--report", str(tmp_path / "r.json"),
+                         *flags, "--settings", ",".join(settings)])
+    report = read_json(tmp_path / "r.json")
+    for case in ("llama_gqa", "gpt2_tied"):
+        for setting in settings:
+            tag = f"{case}/{setting}"
+            bad = {k: report[f"{tag}/{k}"] for k, tol in TOL.items()
+                   if not report[f"{tag}/{k}"] <= tol}
+            assert not bad, f"{layout} {tag} differs from the single-rank reference: {bad}"
+            sp = setting != "no_sp"
+            # under sequence parallelism a norm sees 1/tp of the sequence, and megatron's
+            # linears are switched back on after the rollout
+            assert report[f"{tag}/norm_rows"] == ([5] if sp else [10]), tag
+            assert (report[f"{tag}/sp_modules"] > 0) == sp, tag
+            if sp:
+                assert report[f"{tag}/off_inside"] == 0.0, tag
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+# with a KL penalty: the frozen reference (built without either feature) scores the same
+# micro-batches
+SMALL = ["train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=4",
+         "rollout.max_new_tokens=8", "train.lr=1e-2", "policy.model.tie_word_embeddings=true",
+         "algorithm.kl_coef=0.05", "parallel.tp=2", "log.tensorboard=false", "log.plot=false"]
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tp2") / "run"
+    run_torchrun(2, ["-m", "remax_megatron", "train", "--output-dir", str(run), *SMALL])
+    return run_metrics(run)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("extra", [["parallel.sequence_parallel=true"], ["train.recompute=full"]],
+                         ids=["sequence_parallel", "recompute_full"])
+def test_training_run_matches_the_run_without_it(extra, tp2_run, tmp_path):
+    run = tmp_path / "run"
+    run_torchrun(2, ["-m", "remax_megatron", "train", "--output-dir", str(run), *SMALL, *extra])
+    rows = run_metrics(run)
+    same_run(tp2_run, rows, tol=1e-5)
+    for row in rows:
+        # the KV-cached rollout (sequence parallelism switched off) and the training forward
+        # (on) agree on every sampled token
+        assert row["logprob_mismatch"] < 1e-4
