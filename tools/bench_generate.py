@@ -1,141 +1,439 @@
 #!/usr/bin/env python
-"""Generation speed: our KV-cached decode loop against transformers' generate (its KV cache),
-same GPT-2-124M-shaped model with random weights, same prompts and lengths, side by side in
-one process; and the ReMax pair (greedy + sampled sharing one prefill) against two separate calls.
+"""Decode speed: our KV-cached decode loop against transformers' generate and against the bare
+weight GEMMs of the same decode step, on a GPT-2-124M-shaped model with random weights.
 
-  python tools/bench_generate.py [--batch 16] [--prompt-len 64] [--new-tokens 64] [--repeats 3]
-                                 [--dtype fp32|bf16] [--device cpu|cuda] [--batches 1,16,64]
+  python tools/bench_generate.py [--batches 1,8,16] [--dtype fp32,bf16] [--prompt-len 64]
+                                 [--new-tokens 64] [--repeats 3] [--threads 2]
+                                 [--device cpu|cuda] [--clock wall|cpu] [--pair] [--quick]
 
-Prints tokens/s of each and the ratio ours / transformers (goal >= 1.5x; first milestone 1.0x).
-On CUDA it also prints decode tokens/s per batch size and the fraction of the memory-bandwidth
-roofline (weight bytes / HBM bandwidth per decode step).
+transformers runs in a separate process (this script re-invoked with --hf-worker) that never
+imports remax_megatron: no torch-function mode of ours, no megatron import side effects, its own
+allocator state. Both processes build the same model (transformers from a config, saved once; ours
+converted from that directory with hf_to_mcore), use the same prompts, lengths, dtype and torch
+thread count, and run alternately (ours, bare GEMMs, transformers, ours, ...), so that load on
+the machine hits all alike. Each reports the median decode-step time of a run (the time between
+consecutive next-token choices: forward, token choice and bookkeeping), the median over repeats
+and decode tokens/s; ratios are medians of the per-repeat ratios.
+
+The bare-GEMM baseline is the step's weight matmuls alone, in this process, same batch and dtype:
+per layer QKV, attention output projection, fc1 and fc2 (F.linear on our [out, in] weights, with
+their biases), and the output layer over the true vocabulary. ours / bare is what our decode step
+costs beyond its matmuls (attention, norms, activation, token choice, log-probs, Python). The same
+products computed as W @ x.T are timed too (on the CPU our decode steps use that form where MKL
+runs it faster): "against the faster form" divides by the quicker of the two.
+
+On CUDA it also prints the fraction of the memory-bandwidth roofline (weight bytes / HBM bandwidth
+per decode step). --quick: a tiny model and a few tokens (a smoke run, seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from remax_megatron.convert.commands import hf_to_mcore  # noqa: E402
-from remax_megatron.models.checkpoint import load_model  # noqa: E402
-from remax_megatron.rollout.engine import generate  # noqa: E402
-from remax_megatron.rollout.sampling import GREEDY, SamplingParams  # noqa: E402
-from remax_megatron.runtime.distributed import init_runtime  # noqa: E402
-
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+# (ours / bare-GEMM upper bound, HF / ours lower bound) by dtype, at batch >= 8
+TARGETS = {"fp32": (1.15, 1.15), "bf16": (1.3, 1.4)}
+SMALL_BATCH_HF_TARGET = 0.95  # HF / ours at batch < 8
+GPT2_124M = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
+TINY = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=512)
 
 
-def _sync(device):
+def _dtype(name):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def _prompts(vocab: int, batch: int, prompt_len: int, device):
+    """The same prompts in both processes (a seeded CPU generator)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=g)
+    return ids.to(device), torch.ones_like(ids).to(device)
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
+def _stamp(device):
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
+    return CLOCK()
 
 
-def _once(fn, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
+def _median_step(stamps: list) -> float:
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+# --- transformers side (separate process; never imports remax_megatron) -------------------------
+
+def hf_worker(args) -> int:
+    """Serve decode runs of the saved transformers model: one JSON request per stdin line
+    ({"dtype", "batch", "prompt_len", "new_tokens"}), one JSON answer per stdout line."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    models = {}
+
+    class Stamp(transformers.LogitsProcessor):
+        """Called once per generated token, right after the forward that produced its logits."""
+
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(_stamp(device))
+            return scores
+
+    def model(dtype_name):
+        if dtype_name not in models:
+            m = transformers.GPT2LMHeadModel.from_pretrained(args.hf_dir, dtype=torch.float32)
+            m.generation_config.eos_token_id = None  # run to max_new_tokens, as ours does
+            models[dtype_name] = m.to(device=device, dtype=_dtype(dtype_name)).eval()
+        return models[dtype_name]
+
+    from torch.overrides import _get_current_function_mode_stack
+
+    out = sys.stdout
+    sys.stdout = sys.stderr  # only answers on the pipe
+    for line in sys.stdin:
+        req = json.loads(line)
+        hf = model(req["dtype"])
+        ids, mask = _prompts(hf.config.vocab_size, req["batch"], req["prompt_len"], device)
+        stamp = Stamp()
+        generated = hf.generate(ids, attention_mask=mask, do_sample=False,
+                                max_new_tokens=req["new_tokens"], pad_token_id=0,
+                                logits_processor=transformers.LogitsProcessorList([stamp]))
+        answer = {"step_s": _median_step(stamp.stamps) if len(stamp.stamps) > 1 else None,
+                  "tokens": generated[:, ids.size(1):].tolist(),
+                  "imports_remax_megatron": "remax_megatron" in sys.modules,
+                  "torch_function_modes": len(_get_current_function_mode_stack()),
+                  "threads": torch.get_num_threads()}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+    return 0
+
+
+class HFWorker:
+    def __init__(self, hf_dir: Path, args, log: Path):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", "--hf-dir",
+               str(hf_dir), "--threads", str(args.threads), "--device", args.device,
+               "--clock", args.clock]
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(log, "w"), text=True)
+
+    def run(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = self.log.read_text()[-3000:]
+            raise RuntimeError(f"the transformers worker died:\n{tail}")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+# --- our side -----------------------------------------------------------------------------------
+
+class Ours:
+    """Our decode loop with a timestamp at every next-token choice (the engine's per-step logits
+    function, wrapped), and the bare weight GEMMs of one decode step."""
+
+    def __init__(self, checkpoint: Path, vocab: int, device):
+        from remax_megatron.rollout import engine
+
+        self.engine, self.checkpoint, self.vocab, self.device = engine, checkpoint, vocab, device
+        self.models = {}
+        self.stamps = []
+        inner = engine._last_stage_logits
+
+        def stamped(*a, **kw):
+            logits = inner(*a, **kw)
+            self.stamps.append(_stamp(device))
+            return logits
+
+        engine._last_stage_logits = stamped
+
+    def model(self, dtype_name):
+        from remax_megatron.models.checkpoint import load_model
+
+        if dtype_name not in self.models:
+            model, _ = load_model(self.checkpoint, params_dtype=_dtype(dtype_name))
+            self.models[dtype_name] = model.to(self.device).eval()
+        return self.models[dtype_name]
+
+    def generate(self, dtype_name, batch, prompt_len, new_tokens, continuations=None):
+        from remax_megatron.rollout.sampling import GREEDY
+
+        ids, mask = _prompts(self.vocab, batch, prompt_len, self.device)
+        self.stamps = []
+        out = self.engine.generate(self.model(dtype_name), ids, mask,
+                                   continuations=continuations or (GREEDY,),
+                                   max_new_tokens=new_tokens, vocab_size=self.vocab)
+        return _median_step(self.stamps) if len(self.stamps) > 1 else None, out
+
+    def bare_gemms(self, dtype_name, batch, transposed=False):
+        """A function running one decode step's weight matmuls on [batch, in] activations: as
+        F.linear (x @ W.T), or ``transposed`` as W @ x.T (the form our CPU decode steps use
+        where it is faster, see rollout/forward._columns)."""
+        import torch
+        import torch.nn.functional as F
+
+        from remax_megatron.models.builder import unwrap
+
+        gpt = unwrap(self.model(dtype_name))
+        dtype, work = _dtype(dtype_name), []
+        g = torch.Generator().manual_seed(2)
+
+        def act(width):
+            return torch.randn(batch, width, generator=g).to(self.device, dtype)
+
+        for layer in gpt.decoder.layers:
+            attn, mlp = layer.self_attention, layer.mlp
+            for linear in (attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2):
+                work.append((act(linear.weight.size(1)), linear.weight, linear.bias))
+        out_weight = (gpt.shared_embedding_or_output_weight()
+                      if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight)
+        work.append((act(out_weight.size(1)), out_weight[:self.vocab], None))
+
+        if transposed:
+            work = [(x, w, None if b is None else b[:, None]) for x, w, b in work]
+
+        def step():
+            with torch.no_grad():
+                for x, w, b in work:
+                    if not transposed:
+                        F.linear(x, w, b)
+                    elif b is None:
+                        torch.mm(w, x.t())
+                    else:
+                        torch.addmm(b, w, x.t())
+        return step
+
+
+def _time_fn(fn, device, repeats=5) -> float:
     fn()
-    _sync(device)
-    return time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = _stamp(device)
+        fn()
+        times.append(_stamp(device) - start)
+    return statistics.median(times)
 
 
-def _time(fn, repeats, device) -> float:
-    fn()  # warm-up
-    return statistics.median(_once(fn, device) for _ in range(repeats))
+def _verdict(value, bound, upper: bool) -> str:
+    if bound is None:
+        return "(no target)"
+    ok = value <= bound if upper else value >= bound
+    return f"(target {'<=' if upper else '>='} {bound:.2f}): {'PASS' if ok else 'MISS'}"
 
 
-def _side_by_side(a, b, repeats, device) -> tuple[float, float, float]:
-    """Alternate a and b so that load on the machine hits both alike: (median a, median b,
-    median of the per-pair ratios a / b)."""
-    a(), b()  # warm-up
-    pairs = [(_once(a, device), _once(b, device)) for _ in range(repeats)]
-    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
-            statistics.median(p[0] / p[1] for p in pairs))
+def _bf16_supported(device) -> bool:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def main_bench(args) -> int:
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from remax_megatron.convert.commands import hf_to_mcore
+    from remax_megatron.runtime import cpu_compat
+    from remax_megatron.runtime.distributed import init_runtime
+    from remax_megatron.rollout.sampling import GREEDY, SamplingParams
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtypes = [d for d in args.dtype.split(",") if d]
+    if "bf16" in dtypes and not _bf16_supported(device):
+        print(f"bf16 skipped: not supported on this {device.type} (mkldnn bf16 unavailable)")
+        dtypes.remove("bf16")
+    shape = TINY if args.quick else GPT2_124M
+    config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape)
+    config.architectures = ["GPT2LMHeadModel"]
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    params = sum(p.numel() for p in hf.parameters())
+    work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
+    hf.save_pretrained(work / "hf")
+    del hf
+    hf_to_mcore(work / "hf", work / "mcore", dtype="fp32")
+    init_runtime(tp=1, pp=1)
+
+    ours = Ours(work / "mcore", config.vocab_size, device)
+    worker = HFWorker(work / "hf", args, work / "hf_worker.log")
+    batches = [int(b) for b in args.batches.split(",")]
+    n, plen = args.new_tokens, args.prompt_len
+    print(f"model: GPT-2 shape {'(tiny, --quick)' if args.quick else '124M'} "
+          f"({params / 1e6:.1f}M parameters), {device}, torch threads {args.threads} in both "
+          f"processes; prompt {plen}, {n} new tokens (greedy), {args.repeats} alternating repeats, "
+          f"{'CPU' if args.clock == 'cpu' else 'wall-clock'} time")
+    rows, isolated = [], True
+    try:
+        for dtype_name in dtypes:
+            for batch in batches:
+                request = dict(dtype=dtype_name, batch=batch, prompt_len=plen, new_tokens=n)
+                bare = ours.bare_gemms(dtype_name, batch)
+                bare_t = ours.bare_gemms(dtype_name, batch, transposed=True)
+                ours.generate(dtype_name, batch, plen, min(n, 4))  # warm-up
+                worker.run(**{**request, "new_tokens": min(n, 4)})
+                t_ours, t_hf, t_bare, t_bare_t, r_bare, r_best, r_hf = [], [], [], [], [], [], []
+                for _ in range(args.repeats):
+                    step, out = ours.generate(dtype_name, batch, plen, n)
+                    with cpu_compat.suspended():
+                        gemm = _time_fn(bare, device)
+                        gemm_t = _time_fn(bare_t, device)
+                    answer = worker.run(**request)
+                    isolated &= (not answer["imports_remax_megatron"]
+                                 and answer["torch_function_modes"] == 0)
+                    t_ours.append(step), t_bare.append(gemm), t_hf.append(answer["step_s"])
+                    t_bare_t.append(gemm_t)
+                    r_bare.append(step / gemm), r_hf.append(answer["step_s"] / step)
+                    r_best.append(step / min(gemm, gemm_t))
+                same = sum(a == b for a, b in zip(out.tokens.tolist(), answer["tokens"]))
+                row = dict(dtype=dtype_name, batch=batch, ours=statistics.median(t_ours),
+                           hf=statistics.median(t_hf), bare=statistics.median(t_bare),
+                           bare_t=statistics.median(t_bare_t),
+                           ours_bare=statistics.median(r_bare), hf_ours=statistics.median(r_hf),
+                           ours_best=statistics.median(r_best),
+                           same=same)
+                rows.append(row)
+                _print_row(row)
+        if args.pair:
+            _print_pair(ours, dtypes[0], batches[-1], plen, n, args.repeats,
+                        (GREEDY, SamplingParams(temperature=1.0, top_p=0.9)))
+    finally:
+        worker.close()
+        shutil.rmtree(work, ignore_errors=True)  # two copies of the model
+    print(f"transformers worker: separate process, imported remax_megatron: "
+          f"{'no' if isolated else 'YES'}, torch-function modes active: "
+          f"{'none' if isolated else 'some'}")
+    _print_summary(rows)
+    if device.type == "cuda":
+        _print_roofline(ours, rows, dtypes)
+    return 0
+
+
+def _print_row(row):
+    hi = row["batch"] >= 8
+    bare_bound, hf_bound = TARGETS[row["dtype"]]
+    ms = 1e3
+    print(f"{row['dtype']} batch {row['batch']:3d}: ours {row['ours'] * ms:8.2f} ms/step "
+          f"({row['batch'] / row['ours']:8.1f} tokens/s) | transformers {row['hf'] * ms:8.2f} "
+          f"ms/step ({row['batch'] / row['hf']:8.1f} tokens/s) | bare GEMMs "
+          f"{row['bare'] * ms:8.2f} ms (as W @ x.T: {row['bare_t'] * ms:.2f} ms) | greedy rows "
+          f"identical to transformers: {row['same']}/{row['batch']}")
+    print(f"  {row['dtype']} batch {row['batch']:3d} ours/bare-GEMM ratio {row['ours_bare']:.3f} "
+          f"{_verdict(row['ours_bare'], bare_bound if hi else None, upper=True)}; "
+          f"against the faster form of the GEMMs {row['ours_best']:.3f}")
+    print(f"  {row['dtype']} batch {row['batch']:3d} HF/ours speedup {row['hf_ours']:.3f} "
+          f"{_verdict(row['hf_ours'], hf_bound if hi else SMALL_BATCH_HF_TARGET, upper=False)}")
+    sys.stdout.flush()
+
+
+def _print_summary(rows):
+    print("summary (median of per-repeat ratios):")
+    print("  dtype batch  ours ms   HF ms  bare ms  bare W@x.T ms  ours/bare  ours/best-bare  "
+          "HF/ours")
+    for r in rows:
+        print(f"  {r['dtype']:5s} {r['batch']:5d} {r['ours'] * 1e3:8.2f} {r['hf'] * 1e3:7.2f} "
+              f"{r['bare'] * 1e3:8.2f} {r['bare_t'] * 1e3:14.2f} {r['ours_bare']:10.3f} "
+              f"{r['ours_best']:15.3f} {r['hf_ours']:8.3f}")
+
+
+def _print_pair(ours, dtype_name, batch, plen, n, repeats, pair):
+    """The ReMax pair (greedy + sampled, one shared prefill) against two separate calls."""
+    def timed(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    apart, together = [], []
+    for _ in range(repeats):
+        apart.append(timed(lambda: [ours.generate(dtype_name, batch, plen, n, (c,)) for c in pair]))
+        together.append(timed(lambda: ours.generate(dtype_name, batch, plen, n, pair)))
+    a, t = statistics.median(apart), statistics.median(together)
+    print(f"ReMax pair ({dtype_name}, batch {batch}; greedy + sampled, one shared prefill): "
+          f"{t:.2f}s vs two separate calls {a:.2f}s: {a / t:.2f}x faster")
+
+
+def _print_roofline(ours, rows, dtypes):
+    import torch
+
+    name = torch.cuda.get_device_name()
+    bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
+    for dtype_name in dtypes:
+        model = ours.model(dtype_name)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(f"decode roofline on {name}, {dtype_name}: weight bytes {weight_bytes / 1e6:.0f} MB "
+              "per step")
+        for r in rows:
+            if r["dtype"] == dtype_name:
+                frac = (weight_bytes / bandwidth) / r["ours"] if bandwidth else float("nan")
+                print(f"  batch {r['batch']:3d}: decode {r['batch'] / r['ours']:9.1f} tokens/s, "
+                      f"{r['ours'] * 1e3:.2f} ms/step, roofline fraction {frac:.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", default="1,8,16")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batches", default="", help="CUDA roofline table, e.g. 1,16,64")
+    parser.add_argument("--dtype", default="fp32,bf16",
+                        help="comma-separated: fp32, bf16 (bf16 skipped where unsupported)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, both processes")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="wall: elapsed time; cpu: this process's CPU time, which time slices "
+                             "lost to other work on a loaded machine do not inflate (meaningful "
+                             "with --threads 1: with more, waiting threads may spin)")
+    parser.add_argument("--pair", action="store_true",
+                        help="also time the ReMax pair against two separate calls")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny model, batches 1,2, 8+8 tokens, 1 repeat, fp32")
+    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.hf_worker:
+        return hf_worker(args)
+    if args.device is None:
+        import torch
 
-    import transformers
-
-    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    device = torch.device(args.device)
-    config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    config.architectures = ["GPT2LMHeadModel"]
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
-    hf.save_pretrained(work / "hf")
-    hf_to_mcore(work / "hf", work / "mcore", dtype=args.dtype)
-    hf = hf.to(device=device, dtype=dtype)
-
-    init_runtime(tp=1, pp=1)
-    ours, _ = load_model(work / "mcore")
-    ours = ours.to(device)
-    params = sum(p.numel() for p in hf.parameters())
-    print(f"model: GPT-2 124M shape ({params / 1e6:.0f}M parameters), {args.dtype}, {device}, "
-          f"torch threads {torch.get_num_threads()}")
-
-    def prompts(batch):
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g)
-        return ids.to(device), torch.ones_like(ids).to(device)
-
-    ids, mask = prompts(args.batch)
-    n = args.new_tokens
-
-    def run_hf():
-        hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                    pad_token_id=0)
-
-    def run_ours(continuations=(GREEDY,), batch=(ids, mask), new_tokens=n):
-        return generate(ours, *batch, continuations=continuations, max_new_tokens=new_tokens,
-                        vocab_size=config.vocab_size)
-
-    t_hf, t_ours, ratio = _side_by_side(run_hf, run_ours, args.repeats, device)
-    tokens = args.batch * n
-    print(f"batch {args.batch}, prompt {args.prompt_len}, {n} new tokens (greedy), median of "
-          f"{args.repeats}:")
-    print(f"  transformers generate : {tokens / t_hf:8.1f} tokens/s ({t_hf:.2f}s)")
-    print(f"  remax-megatron        : {tokens / t_ours:8.1f} tokens/s ({t_ours:.2f}s)")
-    print(f"  ratio ours / transformers: {ratio:.2f}x (median of paired runs; goal >= 1.5x)")
-
-    sampled = SamplingParams(temperature=1.0, top_p=0.9)
-    t_apart, t_pair, saving = _side_by_side(
-        lambda: (run_ours((GREEDY,)), run_ours((sampled,))),
-        lambda: run_ours((GREEDY, sampled)), args.repeats, device)
-    print(f"ReMax pair (greedy + sampled, one shared prefill): {t_pair:.2f}s vs two separate "
-          f"calls {t_apart:.2f}s: {saving:.2f}x faster")
-
-    if args.batches and device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        print(f"decode roofline on {name}: weight bytes {weight_bytes / 1e6:.0f} MB per step")
-        for batch in [int(b) for b in args.batches.split(",")]:
-            data = prompts(batch)
-            short = _time(lambda d=data: run_ours(batch=d, new_tokens=2), args.repeats, device)
-            full = _time(lambda d=data: run_ours(batch=d), args.repeats, device)
-            per_step = (full - short) / (n - 2)
-            frac = (weight_bytes / bandwidth) / per_step if bandwidth else float("nan")
-            print(f"  batch {batch:3d}: decode {batch / per_step:9.1f} tokens/s, "
-                  f"{per_step * 1e3:.2f} ms/step, roofline fraction {frac:.2f}")
-    return 0
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.quick:
+        args.batches, args.prompt_len, args.new_tokens, args.repeats = "1,2", 8, 8, 1
+        args.dtype = "fp32"
+    for name in args.dtype.split(","):
+        if name not in TARGETS:
+            parser.error(f"--dtype {name}: use fp32 and/or bf16")
+    return main_bench(args)
 
 
 if __name__ == "__main__":

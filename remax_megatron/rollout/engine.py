@@ -1,10 +1,12 @@
 """KV-cached generation from the training model itself, under tensor, pipeline and data parallelism.
 
-The decode loop walks megatron-core's own modules (embedding, each layer's norms, QKV and output
-projections, MLP, final norm, output layer): tensor parallelism is theirs, the weights are the
-training weights (no second copy), and only attention against the cache is ours. That lets each
-row carry its own positions (left- or right-padded prompts get exactly transformers' positions,
-RoPE included) and lets the k continuations of a prompt share its prefill (see kv_cache).
+The decode loop walks megatron-core's own layers (embedding, each layer's norms, QKV and output
+projections, MLP, final norm, output layer) on the training weights (no second copy); for the
+standard layers it does their math directly, tensor-parallel reductions included, without
+megatron's per-call plumbing (see forward.py), and attention against the cache is ours. That lets
+each row carry its own positions (left- or right-padded prompts get exactly transformers'
+positions, RoPE included) and lets the k continuations of a prompt share its prefill (see
+kv_cache).
 
 Pipeline stages pass hidden states point to point; the last stage gathers the vocab-parallel
 logits, chooses tokens and broadcasts them to every stage. Data-parallel ranks run their own
@@ -25,9 +27,14 @@ from ..ops.padding import position_ids
 from ..runtime import cpu_compat
 from .forward import StageForward
 from .kv_cache import SharedPrefixKVCache
-from .sampling import GREEDY, SamplingParams, choose, mask_vocab_padding, row_uniforms
+from .sampling import GREEDY, SamplingParams, choose, row_uniforms
 
 log = logging.getLogger(__name__)
+
+# Decode steps between checks that every row has finished (a host sync on a GPU: the check waits
+# for the step's kernels). Rows that finished early only produce padding meanwhile, and the output
+# is cut at the longest row, so the result does not depend on it; on the CPU a check costs nothing.
+FINISHED_CHECK_EVERY = {"cuda": 8}
 
 
 @dataclass
@@ -112,6 +119,7 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
     prefill_groups, decode_groups = _pipeline_groups(batch, pipe.size, micro_batches)
 
     prompt_len = prompt_mask.sum(-1)
+    fwd.reserve_positions(int(prompt_len.max()) + max_new_tokens if batch else 0)
     last_real = torch.where(prompt_mask.bool(), torch.arange(prompt_mask.size(1), device=device),
                             torch.zeros_like(prompt_mask)).max(-1).values
     positions = position_ids(prompt_mask)
@@ -133,27 +141,34 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     row_prompt_len = prompt_len.repeat_interleave(k)
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+    check_every = FINISHED_CHECK_EVERY.get(device.type, 1)
+    all_greedy = all(params.greedy for params in continuations)
 
     def rows_of(prompts: slice) -> slice:  # rows are prompt-major
         return slice(prompts.start * k, prompts.stop * k)
 
     step = 0
     while True:
-        chosen = torch.zeros(rows, dtype=torch.long, device=device)
         if logits is not None:
-            chosen = _choose_rows(logits, continuations, uniforms[:, step])
-            lp = logits.gather(-1, chosen[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-            log_probs[:, step] = torch.where(finished, torch.zeros_like(lp), lp)
+            chosen, chosen_logits = _choose_rows(logits, continuations, uniforms[:, step])
+            lp = _log_probs_(logits, chosen_logits, all_greedy)
+            log_probs[:, step] = torch.where(finished, 0.0, lp) if eos else lp
+        else:
+            chosen = torch.zeros(rows, dtype=torch.long, device=device)
         chosen = pipe.from_last(chosen)
-        chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
-        tokens[:, step] = chosen
-        lengths += (~finished).long()
-        if eos_ids.numel():
+        if eos:  # without EOS ids no row ever finishes early
+            chosen = torch.where(finished, pad_token_id, chosen)
+            lengths += (~finished).long()
             newly_eos = ~finished & torch.isin(chosen, eos_ids)
             hit_eos |= newly_eos
             finished |= newly_eos
+        tokens[:, step] = chosen
         step += 1
-        if bool(finished.all()) or step == max_new_tokens:
+        if step == max_new_tokens:
+            break
+        if not rows:  # nothing to generate
+            break
+        if eos and step % check_every == 0 and bool(finished.all()):
             break
         step_positions = (row_prompt_len + step - 1).unsqueeze(1)
         logits = _last_stage_logits(fwd, vocab_size, [
@@ -162,6 +177,10 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
             for g in decode_groups])
 
     log_probs = pipe.from_last(log_probs)
+    if not eos:
+        lengths.fill_(step)
+    elif rows:  # where the loop stops when checking after every step: the longest row
+        step = int(lengths.max())
     tokens, log_probs = tokens[:, :step], log_probs[:, :step]
     response_mask = torch.arange(step, device=device)[None, :] < lengths[:, None]
     reasons = ["eos" if e else "length" for e in hit_eos.tolist()]
@@ -188,10 +207,13 @@ def _prompt_groups(batch: int, count: int) -> list[slice]:
 
 
 def _last_stage_logits(fwd: StageForward, vocab_size: int, hidden: list) -> torch.Tensor | None:
-    """Full-vocabulary logits of every group, in row order (last stage; None elsewhere)."""
+    """Logits over the true vocabulary (padded ids are never produced) of every group, in row
+    order (last stage; None elsewhere)."""
     if hidden[0] is None:
         return None
-    return torch.cat([mask_vocab_padding(fwd.logits(h), vocab_size) for h in hidden])
+    if len(hidden) == 1:
+        return fwd.logits(hidden[0], vocab_size)
+    return torch.cat([fwd.logits(h, vocab_size) for h in hidden])
 
 
 def _sampling_streams(continuations: list) -> list:
@@ -216,10 +238,35 @@ def _decode_attend(cache: SharedPrefixKVCache, step: int, prompts: slice):
     return attend
 
 
-def _choose_rows(logits: torch.Tensor, continuations: list, uniforms: torch.Tensor) -> torch.Tensor:
-    """Rows are prompt-major, so continuation c owns rows c, c+k, c+2k, ..."""
+def _choose_rows(logits: torch.Tensor, continuations: list,
+                 uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of every row and its logit. Rows are prompt-major, so continuation c owns
+    rows c, c+k, c+2k, ..."""
     k = len(continuations)
+    if k == 1:
+        return _choose(logits, continuations[0], uniforms)
     chosen = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+    chosen_logits = torch.empty(logits.size(0), dtype=logits.dtype, device=logits.device)
     for c, params in enumerate(continuations):
-        chosen[c::k] = choose(logits[c::k], params, uniforms[c::k])
-    return chosen
+        chosen[c::k], chosen_logits[c::k] = _choose(logits[c::k], params, uniforms[c::k])
+    return chosen, chosen_logits
+
+
+def _log_probs_(logits: torch.Tensor, chosen_logits: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """log softmax(logits)[chosen] as logsumexp computes it (max-shifted), reusing ``logits`` as
+    the buffer of the shifted exponentials: no vocab-sized temporary per step (the logits are
+    not needed after the choice). Greedy rows chose their max already."""
+    top = chosen_logits if greedy else logits.amax(dim=-1)
+    top = top.masked_fill(top.isinf(), 0.0)  # as torch.logsumexp: an infinite max stays infinite
+    total = logits.sub_(top[:, None]).exp_().sum(dim=-1)
+    return chosen_logits - (total.log_() + top)
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor):
+    if params.greedy:
+        # choose()'s greedy rule (the first maximal id); max gives its logit too, and is faster
+        # than argmax on the CPU
+        values, ids = logits.max(dim=-1)
+        return ids, values
+    ids = choose(logits, params, uniforms)
+    return ids, logits.gather(-1, ids[:, None]).squeeze(-1)

@@ -1,10 +1,13 @@
 """A KV cache whose prompt part is shared by every continuation of the prompt.
 
-Keys/values of the B prompts are stored once ([B, groups, P, d] per layer); each of the B*k
-continuation rows (k per prompt, e.g. ReMax's greedy and sampled answer) keeps only its own
-generated keys/values ([B, k, groups, T, d]). A decode step attends over both parts; no prompt
-key/value is copied or recomputed for the second continuation. Prefill and decode may run on a
-contiguous group of prompts at a time (``prompts``, a slice; pipelined rollout).
+Each layer keeps one buffer per prompt, [B, groups, P + k*T, d]: the prompt's keys/values once
+(positions 0..P-1), then the generated keys/values of its k continuation rows (k per prompt, e.g.
+ReMax's greedy and sampled answer) interleaved by step: continuation c's token of step s sits at
+P + s*k + c. A decode step attends over the first P + (s+1)*k positions with one
+scaled_dot_product_attention call, each continuation masked to its prompt's real tokens and its
+own generated ones; no prompt key/value is copied or recomputed for the second continuation.
+Prefill and decode may run on a contiguous group of prompts at a time (``prompts``, a slice;
+pipelined rollout).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .attention import padded_causal_attention
 
@@ -22,14 +26,17 @@ class SharedPrefixKVCache:
         batch, prompt_len = prompt_mask.shape
         device = prompt_mask.device
         self.k = continuations
+        self.prompt_len = prompt_len
         self.prompt_real = prompt_mask.bool()  # [B, P] keys that are real prompt tokens
         self.scale = 1.0 / math.sqrt(head_dim)
-        shape_p = (batch, groups, prompt_len, head_dim)
-        shape_g = (batch, continuations, groups, max_new_tokens, head_dim)
-        self.prompt_k = [torch.empty(shape_p, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.prompt_v = [torch.empty(shape_p, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.gen_k = [torch.empty(shape_g, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.gen_v = [torch.empty(shape_g, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (batch, groups, prompt_len + continuations * max_new_tokens, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # No mask at all where every key up to the current step is visible to every query:
+        # unpadded prompts and a single continuation.
+        self._masked = continuations > 1 or not bool(self.prompt_real.all())
+        self._decode_mask = None  # [B, 1, k * heads_per_group, P + k*T], built on first decode
+        self._prefill_masks = {}
 
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 prompts: slice = slice(None)) -> torch.Tensor:
@@ -37,30 +44,60 @@ class SharedPrefixKVCache:
 
         q [P, B, heads, d], k/v [P, B, groups, d] -> context [P, B, heads * d].
         """
-        self.prompt_k[layer][prompts] = k.permute(1, 2, 0, 3)
-        self.prompt_v[layer][prompts] = v.permute(1, 2, 0, 3)
-        return padded_causal_attention(q, k, v, self.prompt_real[prompts])
+        p = self.prompt_len
+        self.keys[layer][prompts, :, :p] = k.permute(1, 2, 0, 3)
+        self.values[layer][prompts, :, :p] = v.permute(1, 2, 0, 3)
+        key = (prompts.start, prompts.stop)
+        if key not in self._prefill_masks:  # the same for every layer
+            self._prefill_masks[key] = self.prompt_real[prompts]
+        return padded_causal_attention(q, k, v, self._prefill_masks[key])
 
     def decode(self, layer: int, step: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, prompts: slice = slice(None)) -> torch.Tensor:
         """One new token per row: q [1, R, heads, d], k/v [1, R, groups, d] -> [1, R, heads * d]."""
         _, rows, heads, d = q.shape
         groups = k.size(2)
-        batch = rows // self.k
-        gen_k, gen_v = self.gen_k[layer][prompts], self.gen_v[layer][prompts]  # views
-        prompt_k, prompt_v = self.prompt_k[layer][prompts], self.prompt_v[layer][prompts]
-        prompt_real = self.prompt_real[prompts]
-        gen_k[:, :, :, step] = k[0].view(batch, self.k, groups, d)
-        gen_v[:, :, :, step] = v[0].view(batch, self.k, groups, d)
-        # scaled before the product (as megatron's attention does): no fp16 overflow
-        q = q[0].view(batch, self.k, groups, heads // groups, d) * self.scale
-        scores_p = torch.einsum("bkgrd,bgpd->bkgrp", q, prompt_k).float()
-        scores_p = scores_p.masked_fill(~prompt_real[:, None, None, None, :], float("-inf"))
-        scores_g = torch.einsum("bkgrd,bkgtd->bkgrt", q, gen_k[:, :, :, :step + 1]).float()
-        probs = torch.softmax(torch.cat([scores_p, scores_g], dim=-1), dim=-1)
-        probs = probs.to(q.dtype)
-        prompt_len = scores_p.size(-1)
-        out = torch.einsum("bkgrp,bgpd->bkgrd", probs[..., :prompt_len], prompt_v)
-        out = out + torch.einsum("bkgrt,bkgtd->bkgrd", probs[..., prompt_len:],
-                                 gen_v[:, :, :, :step + 1])
+        per = heads // groups
+        slot = self.prompt_len + step * self.k
+        length = slot + self.k
+        keys, values = self.keys[layer], self.values[layer]
+        whole = prompts.start in (None, 0) and prompts.stop in (None, keys.size(0))
+        if not whole:
+            keys, values = keys[prompts], values[prompts]  # views
+        if self.k == 1:  # rows are prompts; a group's queries are its heads
+            keys.select(2, slot).copy_(k[0])
+            values.select(2, slot).copy_(v[0])
+            q = q[0].view(rows, groups, per, d)
+        else:
+            batch = rows // self.k
+            keys.narrow(2, slot, self.k).copy_(k[0].view(batch, self.k, groups, d).transpose(1, 2))
+            values.narrow(2, slot, self.k).copy_(
+                v[0].view(batch, self.k, groups, d).transpose(1, 2))
+            # queries of one group: its heads of every continuation, [B, groups, k * per, d]
+            q = q[0].view(batch, self.k, groups, per, d).transpose(1, 2).reshape(
+                batch, groups, self.k * per, d)
+        if q.stride(-1) != 1:  # transposed products upstream (forward._columns)
+            q = q.contiguous()
+        mask = None
+        if self._masked:
+            mask = self._mask(per)
+            mask = (mask if whole else mask[prompts]).narrow(3, 0, length)
+        out = F.scaled_dot_product_attention(q, keys.narrow(2, 0, length),
+                                             values.narrow(2, 0, length), attn_mask=mask,
+                                             scale=self.scale)
+        if self.k > 1:
+            out = out.unflatten(2, (self.k, per)).transpose(1, 2)  # [B, k, groups, per, d]
         return out.reshape(1, rows, heads * d)
+
+    def _mask(self, per: int) -> torch.Tensor:
+        """[B, 1, k * per, P + k*T] bool: query row c*per + j (continuation c) sees its prompt's
+        real keys and the generated keys of continuation c."""
+        if self._decode_mask is None:
+            batch, groups, length, _ = self.keys[0].shape
+            device = self.prompt_real.device
+            generated = torch.arange(length - self.prompt_len, device=device) % self.k
+            own = generated[None, :] == torch.arange(self.k, device=device)[:, None]  # [k, k*T]
+            allowed = torch.cat([self.prompt_real[:, None, :].expand(-1, self.k, -1),
+                                 own.expand(batch, -1, -1)], dim=-1)  # [B, k, P + k*T]
+            self._decode_mask = allowed.repeat_interleave(per, dim=1).unsqueeze(1).contiguous()
+        return self._decode_mask
