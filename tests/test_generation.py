@@ -116,3 +116,29 @@ def test_parallel_layouts(layout, reference, tp1_report, tmp_path):
     run_torchrun(2, [WORKER, "--ref", str(reference), "--report", str(tmp_path / "r.json"),
                      "--sampled", str(tp1_report / "sampled.pt"), *flag])
     _check(read_json(tmp_path / "r.json"), expect_layout_check=True)
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_wide_decode_steps_equal_transformers(arch, megatron_runtime, tmp_path):
+    """Batches wide enough for the CPU decode step's transposed products (W @ x^T) give
+    transformers' greedy tokens and log-probs (the layout tests above use fewer rows)."""
+    from remax_megatron.models.checkpoint import load_model
+    from remax_megatron.rollout.engine import generate
+    from remax_megatron.rollout.forward import StageForward
+
+    tokenizer = tiny.build_tokenizer(300)
+    hf = tiny.build_hf_model(arch, len(tokenizer), seed=5)
+    model, _ = load_model(hf_to_mcore(tiny.save_hf(hf, tokenizer, tmp_path / "hf"),
+                                      tmp_path / "ckpt"))
+    rows, prompt, new = 12, 6, 12
+    if StageForward(model).column_rows is not None:
+        assert StageForward(model).use_columns(1, rows)  # the path under test
+    ids = torch.randint(3, len(tokenizer), (rows, prompt), generator=torch.Generator().manual_seed(0))
+    out = generate(model, ids, torch.ones_like(ids), max_new_tokens=new)
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                       max_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out.tokens, want[:, prompt:])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(want).logits[:, prompt - 1:-1].float(), -1)
+    torch.testing.assert_close(out.log_probs, logp.gather(-1, want[:, prompt:, None]).squeeze(-1),
+                               rtol=0, atol=1e-5)

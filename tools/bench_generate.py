@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Decode speed: our KV-cached decode loop against transformers' generate and against the bare
-weight GEMMs of the same decode step, on a GPT-2-124M-shaped model with random weights.
+weight GEMMs of the same decode step, on a GPT-2-124M- (default) or Llama-1B-shaped model
+(--model llama-1b) with random weights.
 
-  python tools/bench_generate.py [--batches 1,8,16] [--dtype fp32,bf16] [--prompt-len 64]
+  python tools/bench_generate.py [--model gpt2|llama-1b] [--batches 1,8,16] [--dtype fp32,bf16] [--prompt-len 64]
                                  [--new-tokens 64] [--repeats 3] [--threads 2]
                                  [--device cpu|cuda] [--clock wall|cpu] [--pair] [--quick]
 
@@ -42,8 +43,21 @@ HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 # (ours / bare-GEMM upper bound, HF / ours lower bound) by dtype, at batch >= 8
 TARGETS = {"fp32": (1.15, 1.15), "bf16": (1.3, 1.4)}
 SMALL_BATCH_HF_TARGET = 0.95  # HF / ours at batch < 8
-GPT2_124M = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
-TINY = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=512)
+# --model: (label, transformers config class, shape; --quick: a tiny shape of the same family)
+MODELS = {
+    "gpt2": ("GPT-2-124M", "GPT2Config",
+             dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    # the Llama-3.2-1B shape: GQA 32/8 heads, SwiGLU, 128256-id vocabulary, tied embeddings
+    "llama-1b": ("Llama-1.2B", "LlamaConfig",
+                 dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                      max_position_embeddings=2048, tie_word_embeddings=True)),
+}
+TINY = {"gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=512),
+        "llama-1b": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=176, vocab_size=512,
+                         max_position_embeddings=64, tie_word_embeddings=True)}
 
 
 def _dtype(name):
@@ -100,7 +114,7 @@ def hf_worker(args) -> int:
 
     def model(dtype_name):
         if dtype_name not in models:
-            m = transformers.GPT2LMHeadModel.from_pretrained(args.hf_dir, dtype=torch.float32)
+            m = transformers.AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
             m.generation_config.eos_token_id = None  # run to max_new_tokens, as ours does
             models[dtype_name] = m.to(device=device, dtype=_dtype(dtype_name)).eval()
         return models[dtype_name]
@@ -272,11 +286,12 @@ def main_bench(args) -> int:
     if "bf16" in dtypes and not _bf16_supported(device):
         print(f"bf16 skipped: not supported on this {device.type} (mkldnn bf16 unavailable)")
         dtypes.remove("bf16")
-    shape = TINY if args.quick else GPT2_124M
-    config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape)
-    config.architectures = ["GPT2LMHeadModel"]
+    label, config_class, shape = MODELS[args.model]
+    if args.quick:
+        label, shape = f"{label} family, tiny (--quick)", {**shape, **TINY[args.model]}
+    config = getattr(transformers, config_class)(**shape)
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     params = sum(p.numel() for p in hf.parameters())
     work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
     hf.save_pretrained(work / "hf")
@@ -288,7 +303,7 @@ def main_bench(args) -> int:
     worker = HFWorker(work / "hf", args, work / "hf_worker.log")
     batches = [int(b) for b in args.batches.split(",")]
     n, plen = args.new_tokens, args.prompt_len
-    print(f"model: GPT-2 shape {'(tiny, --quick)' if args.quick else '124M'} "
+    print(f"model: {label} shape "
           f"({params / 1e6:.1f}M parameters), {device}, torch threads {args.threads} in both "
           f"processes; prompt {plen}, {n} new tokens (greedy), {args.repeats} alternating repeats, "
           f"{'CPU' if args.clock == 'cpu' else 'wall-clock'} time")
@@ -400,6 +415,8 @@ def _print_roofline(ours, rows, dtypes):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gpt2", choices=tuple(MODELS),
+                        help="the model shape (random weights) (default: %(default)s)")
     parser.add_argument("--batches", default="1,8,16")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)

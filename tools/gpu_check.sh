@@ -15,7 +15,8 @@
 # 3. prints the versions (python, torch, CUDA, GPU, megatron-core, transformers, TE);
 # 4. runs `pytest -m gpu` (tests/test_gpu.py: bf16 greedy generation vs transformers, the TE spec
 #    vs the local spec, bf16 demo steps on NCCL and a bit-exact resume);
-# 5. runs the decode benchmark: tools/bench_generate.py --device cuda --dtype bf16 --batches 1,16,64.
+# 5. runs the decode benchmark: tools/bench_generate.py --device cuda --dtype bf16 --batches 1,16,64,
+#    for the GPT-2-124M shape and a Llama-1B shape (--model llama-1b).
 #
 # Everything it prints also goes to the log file (default gpu-check.log). It stops at the first
 # problem with setup (no GPU, no wheel, a failed install) with a line saying what to do; a failed
@@ -158,11 +159,14 @@ if ! "$vpy" -m pytest -m gpu -rs -v -p no:cacheprovider; then
   status=1
 fi
 
-section "decode benchmark (tools/bench_generate.py --device cuda --dtype bf16 --batches 1,16,64)"
-if ! PYTHONUNBUFFERED=1 "$vpy" tools/bench_generate.py --device cuda --dtype bf16 --batches 1,16,64; then
-  echo "bench_generate.py: FAILED"
-  status=1
-fi
+for model in gpt2 llama-1b; do
+  section "decode benchmark (tools/bench_generate.py --model $model --device cuda --dtype bf16 --batches 1,16,64)"
+  if ! PYTHONUNBUFFERED=1 "$vpy" tools/bench_generate.py --model "$model" --device cuda --dtype bf16 \
+      --batches 1,16,64; then
+    echo "bench_generate.py --model $model: FAILED"
+    status=1
+  fi
+done
 
 section "done"
 if [ $status -eq 0 ]; then
