@@ -9,7 +9,7 @@ import torch
 
 from remax_megatron.config_io import ConfigError
 from remax_megatron.rollout.sampling import (
-    GREEDY, SamplingParams, allowed_set, choose, filtered_probs, mask_vocab_padding, row_generator,
+    GREEDY, SamplingParams, allowed_set, choose, filtered_probs, row_generator,
     row_uniforms,
 )
 
@@ -70,7 +70,14 @@ def test_seeded_and_independent_streams():
         torch.rand(3, generator=row_generator(1, 2, 1)).tolist()
 
 
-def test_padded_vocab_is_never_produced():
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Ids at or beyond the true vocab size at -inf (where the engine's logits end instead)."""
+    logits = logits.clone()
+    logits[..., vocab_size:] = float("-inf")
+    return logits
+
+
+def test_ids_without_probability_are_never_produced():
     logits = torch.zeros(1000, 8)
     logits[:, 6:] = 50.0  # padded ids with huge logits
     masked = mask_vocab_padding(logits, 6)

@@ -55,14 +55,6 @@ def row_uniforms(seed: int, sample_ids: list[int], streams: list, steps: int) ->
     return out
 
 
-def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Ids at or beyond the true vocab size (megatron's padding) can never be chosen."""
-    if logits.size(-1) > vocab_size:
-        logits = logits.clone()
-        logits[..., vocab_size:] = float("-inf")
-    return logits
-
-
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities after temperature, top-k then top-p, over ids sorted by descending logit.
 
