@@ -110,6 +110,9 @@ def _add_generate(sub) -> None:
                    help="weights' dtype while generating (auto: as the checkpoint stores them; "
                         "bf16 runs on GPUs and on CPUs with AVX512-BF16 or AMX) "
                         "(default: %(default)s)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="on a GPU, run every decode step eagerly instead of replaying one "
+                        "captured CUDA graph (the same tokens up to float rounding at near-ties)")
     p.set_defaults(run=_run_generate)
 
 
@@ -121,7 +124,8 @@ def _run_generate(args) -> int:
         load=args.load, input=args.input, output=args.output, sampling=sampling,
         max_new_tokens=args.max_new_tokens, tp=args.tp, pp=args.pp, seed=args.seed,
         batch_size=args.batch_size, tokenizer=args.tokenizer,
-        pipeline_micro_batches=args.pipeline_micro_batches, dtype=args.dtype))
+        pipeline_micro_batches=args.pipeline_micro_batches, dtype=args.dtype,
+        cuda_graph=args.cuda_graph))
 
 
 def _add_train(sub) -> None:

@@ -142,3 +142,45 @@ def test_wide_decode_steps_equal_transformers(arch, megatron_runtime, tmp_path):
         logp = torch.log_softmax(hf(want).logits[:, prompt - 1:-1].float(), -1)
     torch.testing.assert_close(out.log_probs, logp.gather(-1, want[:, prompt:, None]).squeeze(-1),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_static_decode_steps_equal_the_eager_ones(arch, megatron_runtime, tmp_path, monkeypatch):
+    """The decode step a GPU captures as a CUDA graph (static buffers, the step a device tensor,
+    attention over the whole masked cache), run uncaptured on the CPU: transformers' greedy
+    tokens, and the eager steps' tokens and log-probs with padded prompts, a greedy and a
+    sampled continuation per prompt and rows ending at EOS mid-batch."""
+    from remax_megatron.models.checkpoint import load_model
+    from remax_megatron.rollout import engine, static_decode
+    from remax_megatron.rollout.sampling import GREEDY, SamplingParams
+
+    tokenizer = tiny.build_tokenizer(300)
+    hf = tiny.build_hf_model(arch, len(tokenizer), seed=7)
+    model, _ = load_model(hf_to_mcore(tiny.save_hf(hf, tokenizer, tmp_path / "hf"),
+                                      tmp_path / "ckpt"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, len(tokenizer), (6, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[4, :5] = 0
+    pair = [GREEDY, SamplingParams(temperature=1.0, top_p=0.9)]
+    eager = engine.generate(model, ids, mask, continuations=pair, max_new_tokens=12,
+                            eos_token_ids=[5, 9, 11], seed=3)
+    steps = []
+    real_step = static_decode.StaticDecode._step
+    monkeypatch.setattr(static_decode.StaticDecode, "_step",
+                        lambda self: steps.append(1) or real_step(self))
+    monkeypatch.setattr(engine, "STATIC_DECODE_DEVICES", {"cpu"})
+    static = engine.generate(model, ids, mask, continuations=pair, max_new_tokens=12,
+                             eos_token_ids=[5, 9, 11], seed=3)
+    assert len(steps) == static.tokens.size(1) - 1  # every decode step took the static path
+    assert eager.finish_reason.count("eos") >= 1 and eager.finish_reason.count("length") >= 1
+    assert torch.equal(static.tokens, eager.tokens)
+    assert torch.equal(static.lengths, eager.lengths)
+    torch.testing.assert_close(static.log_probs, eager.log_probs, rtol=0, atol=1e-5)
+
+    plain = ids[:, :5]
+    out = engine.generate(model, plain, torch.ones_like(plain), max_new_tokens=10)
+    want = hf.generate(plain, attention_mask=torch.ones_like(plain), do_sample=False,
+                       max_new_tokens=10, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out.tokens, want[:, 5:])

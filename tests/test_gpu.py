@@ -3,7 +3,8 @@ on a GPU machine); every test here is skipped where CUDA is absent.
 
 1. bf16 greedy generation of a tiny random GPT-2 and Llama (GQA) with our rollout engine on the
    GPU equals transformers' bf16 greedy generate on the same GPU, up to near-ties of its logits
-   (tests/workers/gpu_generation.py says exactly how);
+   (tests/workers/gpu_generation.py says exactly how), with the decode step captured once as a
+   CUDA graph and with the eager steps;
 2. the Transformer Engine layer spec gives the local spec's logits, within bf16 rounding (skipped
    without transformer-engine);
 3. three bf16 training steps of the built-in demo on NCCL have finite metrics, and a run killed
@@ -53,6 +54,9 @@ def check_greedy(report: dict, dtype: str = "bf16") -> None:
             f">= {TIE} (no near-tie): {r['failures']}")
         # not vacuous: most rows run well past their first near-tie with identical picks
         assert r["compared_tokens"] >= r["total_tokens"] // 8, (name, r)
+        # the decode step ran as one CUDA graph (on a GPU), and the eager steps agree as well
+        assert r["graph_captures"] == (1 if report["device"] != "cpu" else 0), r
+        assert not r["eager"]["failures"], (name, r["eager"]["failures"])
 
 
 def te_report(tmp: Path, device: str = "cuda", dtype: str = "bf16",

@@ -10,6 +10,11 @@ parallelism (parallel.sequence_parallel), each equivalent to the run without it.
   parallelism switched off around it (every attribute restored afterwards);
 - the trainer: a 2-rank run with sequence parallelism (or recompute) logs the metrics of the same
   run without it;
+- virtual pipeline stages (parallel.virtual_pp, megatron's interleaved schedule) at pp2: a run
+  with two chunks per stage logs the metrics of the pp2 run without them (micro-batches of
+  different lengths, in groups of pp and in one odd group; KL to a chunked reference), its
+  checkpoints hold the same weights under the same global names (the pp2 run's, and any layout
+  loads them), and a run killed after its step-2 checkpoint resumes without chunks exactly;
 - bad values fail with one line before anything is built.
 """
 
@@ -18,11 +23,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import WORKERS, read_json, run_metrics, run_python, run_torchrun, same_run
+from conftest import (
+    WORKERS, full_and_resumed_runs, read_json, run_metrics, run_python, run_torchrun, same_run,
+)
 from remax_megatron.config_io import ConfigError
 from remax_megatron.models.builder import (
     RECOMPUTE, build_policy, sequence_multiple, sequence_parallel_off, transformer_config,
 )
+from remax_megatron.models.checkpoint import load_model
 from remax_megatron.models.config import ModelConfig
 from remax_megatron.training import demo
 from remax_megatron.training.config import load_config
@@ -67,11 +75,34 @@ def test_sequence_parallel_must_be_a_bool(nothing_built):
     assert "parallel.sequence_parallel" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["parallel.virtual_pp=0"], "parallel.virtual_pp=0 must be a positive integer (1: off)"),
+    (["parallel.virtual_pp=2"], "parallel.virtual_pp=2 needs pipeline parallelism: set "
+                                "parallel.pp >= 2"),
+    (["parallel.virtual_pp=2", "parallel.pp=2", "train.micro_batch_size=32"],
+     "parallel.virtual_pp=2 needs at least pp=2 micro-batches per update, got 1: lower "
+     "train.micro_batch_size"),
+    (["parallel.virtual_pp=2", "parallel.pp=2", "algorithm.name=ppo"],
+     "parallel.virtual_pp=2 is not supported with algorithm.name=ppo"),
+    (["parallel.virtual_pp=3", "parallel.pp=2", "policy.model.num_layers=4"],
+     "the policy's 4 layers do not split into parallel.pp x virtual_pp = 6 chunks"),
+])
+def test_virtual_pp_bad_values(overrides, needle, nothing_built, monkeypatch):
+    monkeypatch.setenv("RANK", "0")  # as torchrun with 2 ranks would say
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fails(overrides, needle)
+
+
 def test_builder_rejects_bad_values():
     with pytest.raises(ConfigError, match="recompute='everything' is unknown"):
         transformer_config(LLAMA, recompute="everything")
     with pytest.raises(ConfigError, match="sequence_parallel needs tensor parallelism"):
         transformer_config(LLAMA, tp=1, sequence_parallel=True)
+    with pytest.raises(ConfigError, match="virtual_pp=2 needs pipeline parallelism"):
+        transformer_config(LLAMA, pp=1, virtual_pp=2)
+    with pytest.raises(ConfigError, match="2 layers do not split into pp\\*virtual_pp=2\\*2"):
+        transformer_config(LLAMA, pp=2, virtual_pp=2)
+    assert transformer_config(LLAMA, pp=2).virtual_pipeline_model_parallel_size is None
 
 
 def test_transformer_config_settings():
@@ -262,3 +293,49 @@ def test_training_run_matches_the_run_without_it(extra, tp2_run, tmp_path):
         # the KV-cached rollout (sequence parallelism switched off) and the training forward
         # (on) agree on every sampled token
         assert row["logprob_mismatch"] < 1e-4
+
+
+# --- virtual pipeline stages ----------------------------------------------------------------------
+# 4 layers at pp2: two chunks of one layer per stage; tied embeddings (the first and the last
+# chunk share the word embeddings across the ranks) and a KL penalty (the frozen reference is
+# chunked as well)
+PP2 = ["train.steps=3", "rollout.max_new_tokens=8", "train.lr=1e-2",
+       "policy.model.tie_word_embeddings=true", "policy.model.num_layers=4",
+       "algorithm.kl_coef=0.05", "parallel.pp=2", "checkpoint.save_every=2",
+       "log.tensorboard=false", "log.plot=false"]
+VPP_CASES = {
+    # 8 responses in 4 micro-batches: two groups of pp
+    "remax_4_micro_batches": ["train.global_batch_size=8", "train.micro_batch_size=2"],
+    # 3 prompts x 2 samples in 3 micro-batches: one group of 3 (pp does not divide it)
+    "rloo_3_micro_batches": ["algorithm.name=rloo", "rollout.n_samples=2",
+                             "train.global_batch_size=3", "train.micro_batch_size=2"],
+}
+
+
+def _final_weights(run) -> dict:
+    model, _ = load_model(run / "checkpoints" / "step_000003")
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(VPP_CASES))
+def test_virtual_pipeline_run_matches_the_pp2_run(case, tmp_path, megatron_runtime):
+    args = [*PP2, *VPP_CASES[case]]
+    reference = tmp_path / "pp2"
+    run_torchrun(2, ["-m", "remax_megatron", "train", "--output-dir", str(reference), *args])
+    full, resumed = full_and_resumed_runs([*args, "parallel.virtual_pp=2"], tmp_path, nproc=2,
+                                          resume_args=("parallel.virtual_pp=1",))
+    want, rows = run_metrics(reference), run_metrics(full)
+    assert "virtual_pp: 2" in (full / "config.yaml").read_text()
+    assert "virtual_pp: 1" in (resumed / "config.yaml").read_text()  # resumed without chunks
+    same_run(want, rows, tol=1e-5)
+    same_run(rows, run_metrics(resumed), tol=1e-5)
+    for row in rows:
+        assert row["logprob_mismatch"] < 1e-4  # the chunked rollout and training forward agree
+        assert row["grad_norm"] > 0
+    assert any(row["kl"] > 0 for row in rows)
+    # the same weights under the same global names, loaded here at tp1 pp1
+    weights, chunked = _final_weights(reference), _final_weights(full)
+    assert weights.keys() == chunked.keys()
+    for name, value in weights.items():
+        assert torch.allclose(chunked[name], value, atol=1e-5, rtol=0), name

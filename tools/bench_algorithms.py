@@ -184,7 +184,8 @@ def variance_worker(a) -> dict:
             exp = trainer.make_experience()
             forward_backward(trainer.ddp, exp.batches, trainer._loss, seq_length=exp.width,
                              micro_batch_size=cfg.train.micro_batch_size)
-            grads.append(torch.cat([b.grad_data.flatten().double() for b in trainer.ddp.buffers]))
+            grads.append(torch.cat([b.grad_data.flatten().double() for chunk in trainer.ddp
+                                    for b in chunk.buffers]))
         trainer.close()
         g = torch.stack(grads)
         mean = g.mean(0)

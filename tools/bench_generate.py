@@ -171,19 +171,23 @@ class Ours:
     function, wrapped), and the bare weight GEMMs of one decode step."""
 
     def __init__(self, checkpoint: Path, vocab: int, device):
-        from remax_megatron.rollout import engine
+        from remax_megatron.rollout import engine, static_decode
 
         self.engine, self.checkpoint, self.vocab, self.device = engine, checkpoint, vocab, device
         self.models = {}
         self.stamps = []
-        inner = engine._last_stage_logits
+        self.cuda_graph = True
 
-        def stamped(*a, **kw):
-            logits = inner(*a, **kw)
-            self.stamps.append(_stamp(device))
-            return logits
+        def stamp(inner):
+            def stamped(*a, **kw):
+                logits = inner(*a, **kw)
+                self.stamps.append(_stamp(device))
+                return logits
+            return stamped
 
-        engine._last_stage_logits = stamped
+        # the eager steps' logits, and the static steps' (a CUDA graph's replay on a GPU)
+        engine._last_stage_logits = stamp(engine._last_stage_logits)
+        static_decode.StaticDecode.__call__ = stamp(static_decode.StaticDecode.__call__)
 
     def model(self, dtype_name):
         from remax_megatron.models.checkpoint import load_model
@@ -200,7 +204,8 @@ class Ours:
         self.stamps = []
         out = self.engine.generate(self.model(dtype_name), ids, mask,
                                    continuations=continuations or (GREEDY,),
-                                   max_new_tokens=new_tokens, vocab_size=self.vocab)
+                                   max_new_tokens=new_tokens, vocab_size=self.vocab,
+                                   cuda_graph=self.cuda_graph)
         return _median_step(self.stamps) if len(self.stamps) > 1 else None, out
 
     def bare_gemms(self, dtype_name, batch, transposed=False):
@@ -300,13 +305,16 @@ def main_bench(args) -> int:
     init_runtime(tp=1, pp=1)
 
     ours = Ours(work / "mcore", config.vocab_size, device)
+    ours.cuda_graph = args.cuda_graph == "on"
     worker = HFWorker(work / "hf", args, work / "hf_worker.log")
     batches = [int(b) for b in args.batches.split(",")]
     n, plen = args.new_tokens, args.prompt_len
     print(f"model: {label} shape "
           f"({params / 1e6:.1f}M parameters), {device}, torch threads {args.threads} in both "
           f"processes; prompt {plen}, {n} new tokens (greedy), {args.repeats} alternating repeats, "
-          f"{'CPU' if args.clock == 'cpu' else 'wall-clock'} time")
+          f"{'CPU' if args.clock == 'cpu' else 'wall-clock'} time"
+          + (f"; our decode step {'as one CUDA graph' if ours.cuda_graph else 'eager'}"
+             if device.type == "cuda" else ""))
     rows, isolated = [], True
     try:
         for dtype_name in dtypes:
@@ -431,6 +439,9 @@ def main() -> int:
                              "with --threads 1: with more, waiting threads may spin)")
     parser.add_argument("--pair", action="store_true",
                         help="also time the ReMax pair against two separate calls")
+    parser.add_argument("--cuda-graph", default="on", choices=("on", "off"),
+                        help="on a GPU: our decode step replayed as one CUDA graph (on), or "
+                             "eager (off) (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny model, batches 1,2, 8+8 tokens, 1 repeat, fp32")
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)

@@ -112,10 +112,12 @@ def main(argv=None) -> int:
     def step(batches, width):
         trainer._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64)
         trainer._update_stats = torch.zeros(len(UPDATE_STATS))
-        trainer.ddp.train()
+        for chunk in trainer.ddp:  # the policy's chunks (one without virtual_pp)
+            chunk.train()
         forward_backward(trainer.ddp, batches, trainer._loss, seq_length=width,
                          micro_batch_size=a.micro_batch)
-        return torch.cat([b.grad_data.flatten().clone() for b in trainer.ddp.buffers])
+        return torch.cat([b.grad_data.flatten().clone() for chunk in trainer.ddp
+                          for b in chunk.buffers])
 
     names = ("full", "response", "grouped")
     layouts = {name: layout(name) for name in names}

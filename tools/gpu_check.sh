@@ -16,7 +16,8 @@
 # 4. runs `pytest -m gpu` (tests/test_gpu.py: bf16 greedy generation vs transformers, the TE spec
 #    vs the local spec, bf16 demo steps on NCCL and a bit-exact resume);
 # 5. runs the decode benchmark: tools/bench_generate.py --device cuda --dtype bf16 --batches 1,16,64,
-#    for the GPT-2-124M shape and a Llama-1B shape (--model llama-1b).
+#    for the GPT-2-124M shape and a Llama-1B shape (--model llama-1b), our decode step replayed as
+#    one CUDA graph; then GPT-2 at batch 1 and 16 with eager steps (--cuda-graph off).
 #
 # Everything it prints also goes to the log file (default gpu-check.log). It stops at the first
 # problem with setup (no GPU, no wheel, a failed install) with a line saying what to do; a failed
@@ -167,6 +168,13 @@ for model in gpt2 llama-1b; do
     status=1
   fi
 done
+# what the CUDA graph gains: the same decode steps launched eagerly
+section "decode benchmark without the CUDA graph (--model gpt2 --cuda-graph off --batches 1,16)"
+if ! PYTHONUNBUFFERED=1 "$vpy" tools/bench_generate.py --model gpt2 --device cuda --dtype bf16 \
+    --batches 1,16 --cuda-graph off; then
+  echo "bench_generate.py --cuda-graph off: FAILED"
+  status=1
+fi
 
 section "done"
 if [ $status -eq 0 ]; then

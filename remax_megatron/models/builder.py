@@ -70,13 +70,15 @@ def _recompute_settings(recompute: str) -> dict:
 def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1,
                        params_dtype: torch.dtype = torch.float32,
                        perform_initialization: bool = True, recompute: str = "none",
-                       sequence_parallel: bool = False):
+                       sequence_parallel: bool = False, virtual_pp: int = 1):
     """megatron-core TransformerConfig for ``model`` at this layout and dtype, with activation
-    ``recompute`` (see RECOMPUTE) and megatron's sequence parallelism (tp > 1 only)."""
+    ``recompute`` (see RECOMPUTE), megatron's sequence parallelism (tp > 1 only) and
+    ``virtual_pp`` model chunks per pipeline stage (megatron's interleaved schedule)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if sequence_parallel and tp < 2:
         raise ConfigError(f"sequence_parallel needs tensor parallelism (tp >= 2), got tp={tp}")
+    check_virtual_pp(model, pp, virtual_pp)
     activation, gated = _activation(model)
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -114,8 +116,23 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1,
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=True,
         sequence_parallel=sequence_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pp if virtual_pp > 1 else None,
         **_recompute_settings(recompute),
     )
+
+
+def check_virtual_pp(model: ModelConfig, pp: int, virtual_pp: int) -> None:
+    """``virtual_pp`` chunks per pipeline stage: each of the pp * virtual_pp chunks holds
+    num_layers / (pp * virtual_pp) layers."""
+    if not isinstance(virtual_pp, int) or isinstance(virtual_pp, bool) or virtual_pp < 1:
+        raise ConfigError(f"virtual_pp must be a positive integer, got {virtual_pp!r}")
+    if virtual_pp > 1 and pp < 2:
+        raise ConfigError(f"virtual_pp={virtual_pp} needs pipeline parallelism (pp >= 2), "
+                          f"got pp={pp}: set pp >= 2 or virtual_pp=1")
+    if model.num_layers % (pp * virtual_pp):
+        raise ConfigError(f"{model.num_layers} layers do not split into pp*virtual_pp="
+                          f"{pp}*{virtual_pp} chunks of equal size: choose virtual_pp so that "
+                          f"pp*virtual_pp divides {model.num_layers}")
 
 
 def layer_spec(model: ModelConfig, spec: str = "auto"):
@@ -142,7 +159,7 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def _block_spec(layers, cfg, pp_rank: int):
+def _block_spec(layers, cfg, pp_rank: int, vp_stage: int | None):
     """The layer spec as a whole transformer block; under sequence parallelism with torch's norms
     (the local spec without apex) every norm, the final one included, made sequence-parallel."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -158,20 +175,18 @@ def _block_spec(layers, cfg, pp_rank: int):
     norms = {name: SequenceParallelTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
              if getattr(subs, name) is WrappedTorchNorm}
     layer = dataclasses.replace(layers, submodules=dataclasses.replace(subs, **norms))
-    count = get_num_layers_to_build(cfg, pp_rank=pp_rank)
+    count = get_num_layers_to_build(cfg, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * count,
                                       layer_norm=SequenceParallelTorchNorm)
 
 
-def _stage_flags(pg_collection) -> tuple[bool, bool]:
-    if pg_collection is None:
-        from megatron.core import parallel_state
-
-        return (parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-                parallel_state.is_pipeline_last_stage(ignore_virtual=True))
-    pp = pg_collection.pp
-    rank, size = pp.rank(), pp.size()
-    return rank == 0, rank == size - 1
+def _stage_flags(pg_collection, vp_stage: int | None = None,
+                 virtual_pp: int = 1) -> tuple[bool, bool]:
+    """(pre_process, post_process): the first chunk of the first stage holds the embedding, the
+    last chunk of the last stage the output layer."""
+    rank, size = _pp_rank(pg_collection), _group_sizes(pg_collection)[1]
+    chunk = vp_stage or 0
+    return rank == 0 and chunk == 0, rank == size - 1 and chunk == virtual_pp - 1
 
 
 def mark_tensor_parallel(model: torch.nn.Module) -> None:
@@ -216,24 +231,42 @@ def _gpt_kwargs(model: ModelConfig, tp: int, pre: bool, post: bool) -> dict:
 
 def build_policy(model: ModelConfig, params_dtype: torch.dtype = torch.float32, spec: str = "auto",
                  pg_collection=None, perform_initialization: bool = True,
-                 recompute: str = "none", sequence_parallel: bool = False):
+                 recompute: str = "none", sequence_parallel: bool = False,
+                 virtual_pp: int = 1, vp_stage: int | None = None):
     """A megatron-core GPTModel for this rank's pipeline stage (parallel_state or
-    ``pg_collection``), with activation ``recompute`` (see RECOMPUTE) and sequence parallelism."""
+    ``pg_collection``), with activation ``recompute`` (see RECOMPUTE) and sequence parallelism;
+    with ``virtual_pp`` > 1, the stage's chunk ``vp_stage`` (see build_policy_chunks)."""
     from megatron.core.models.gpt import GPTModel
 
     tp, pp = _group_sizes(pg_collection)
-    pre, post = _stage_flags(pg_collection)
+    if virtual_pp > 1 and vp_stage is None:
+        raise ValueError("virtual_pp > 1 builds one chunk per call: pass vp_stage")
+    pre, post = _stage_flags(pg_collection, vp_stage, virtual_pp)
     cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization, recompute,
-                             sequence_parallel)
+                             sequence_parallel, virtual_pp)
     gpt = GPTModel(
         config=cfg,
-        transformer_layer_spec=_block_spec(layer_spec(model, spec), cfg, _pp_rank(pg_collection)),
+        transformer_layer_spec=_block_spec(layer_spec(model, spec), cfg, _pp_rank(pg_collection),
+                                           vp_stage if virtual_pp > 1 else None),
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         pg_collection=pg_collection,
+        vp_stage=vp_stage if virtual_pp > 1 else None,
         **_gpt_kwargs(model, tp, pre, post),
     )
     _finish(gpt, model)
     return gpt
+
+
+def build_policy_chunks(model: ModelConfig, virtual_pp: int = 1, **options) -> list:
+    """This rank's model chunks for megatron's interleaved pipeline schedule: with pp stages and
+    ``virtual_pp`` chunks per stage, chunk v of stage r holds the (v * pp + r)-th slice of
+    num_layers / (pp * virtual_pp) layers, so an activation crosses the stages virtual_pp times
+    and the pipeline's bubble shrinks by that factor. One chunk (a plain list of the stage's
+    model) when virtual_pp is 1."""
+    if virtual_pp == 1:
+        return [build_policy(model, **options)]
+    return [build_policy(model, virtual_pp=virtual_pp, vp_stage=v, **options)
+            for v in range(virtual_pp)]
 
 
 def _pp_rank(pg_collection) -> int:
@@ -299,7 +332,8 @@ def build_reward_model(model: ModelConfig, params_dtype: torch.dtype = torch.flo
                              sequence_parallel)
     rm = _reward_model_class()(
         config=cfg,
-        transformer_layer_spec=_block_spec(layer_spec(model, spec), cfg, _pp_rank(pg_collection)),
+        transformer_layer_spec=_block_spec(layer_spec(model, spec), cfg, _pp_rank(pg_collection),
+                                           None),
         share_embeddings_and_output_weights=False,
         pg_collection=pg_collection,
         **_gpt_kwargs(model, tp, pre, post),
@@ -333,21 +367,20 @@ def sequence_parallel_off(model: torch.nn.Module):
     of it): the rollout's KV-cached walk over megatron's modules (rollout/forward.py) works on full
     sequences of one token per row. Every module attribute that turns it on, and the config, are
     set to False and restored afterwards, exactly as they were. Nothing happens without it."""
-    gpt = unwrap(model)
-    config = gpt.config
-    if not config.sequence_parallel:
+    gpts = [unwrap(chunk) for chunk in model_chunks(model)]
+    configs = {id(gpt.config): gpt.config for gpt in gpts}.values()
+    if not any(config.sequence_parallel for config in configs):
         yield
         return
-    saved = [(module, name, getattr(module, name)) for module in gpt.modules()
+    saved = [(module, name, getattr(module, name)) for gpt in gpts for module in gpt.modules()
              for name in SEQUENCE_PARALLEL_ATTRS
              if isinstance(getattr(module, name, None), bool)]
+    saved += [(config, "sequence_parallel", config.sequence_parallel) for config in configs]
     try:
-        config.sequence_parallel = False
         for module, name, _ in saved:
             setattr(module, name, False)
         yield
     finally:
-        config.sequence_parallel = True
         for module, name, value in saved:
             setattr(module, name, value)
 
@@ -359,11 +392,19 @@ def sequence_multiple(model: torch.nn.Module) -> int:
     return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel under megatron's DDP / Float16Module wrappers."""
+def unwrap(module) -> torch.nn.Module:
+    """The GPTModel under megatron's DDP / Float16Module wrappers (of a chunk list: the first
+    chunk's, which holds what every chunk shares: config, process groups, model_config)."""
+    if isinstance(module, (list, tuple)):
+        module = module[0]
     while hasattr(module, "module"):
         module = module.module
     return module
+
+
+def model_chunks(model) -> list:
+    """A model as the list of its virtual pipeline chunks (one chunk: ``[model]``)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 def dtype_from_name(name: str) -> torch.dtype:

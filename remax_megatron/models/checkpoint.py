@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..config_io import ConfigError, atomic_write_text, from_dict, load_yaml, save_yaml
-from .builder import build_model, dtype_from_name
+from .builder import build_model, dtype_from_name, model_chunks, unwrap
 from .config import ModelConfig
 from .dcp_reader import DAMAGED, check_weights, load_sharded, read_json
 
@@ -117,9 +117,18 @@ def write_checkpoint_files(directory: Path, meta: CheckpointMeta, config: ModelC
         atomic_write_text(directory / HF_CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
 
 
-def sharded_state_dict(gpt) -> dict:
+def sharded_state_dict(model) -> dict:
     """megatron's sharded state dict with the model's own data-parallel group (a reward model
-    on its own process groups has a different one than parallel_state's)."""
+    on its own process groups has a different one than parallel_state's). Virtual pipeline
+    chunks: one dict per chunk under "model0", "model1", ... (as Megatron-LM saves them); the
+    files store each tensor under its global name, so any layout loads them."""
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        return _chunk_state_dict(unwrap(chunks[0]))
+    return {f"model{v}": _chunk_state_dict(unwrap(chunk)) for v, chunk in enumerate(chunks)}
+
+
+def _chunk_state_dict(gpt) -> dict:
     dp_cp = getattr(gpt.pg_collection, "dp_cp", None)
     return gpt.sharded_state_dict(metadata={"dp_cp_group": dp_cp} if dp_cp is not None else None)
 
@@ -128,10 +137,8 @@ def save_weights(model, directory: Path) -> None:
     """dist_checkpointing save of ``model`` (every rank calls it) into ``directory``."""
     from megatron.core import dist_checkpointing
 
-    from .builder import unwrap
-
     directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sharded_state_dict(unwrap(model)), str(directory))
+    dist_checkpointing.save(sharded_state_dict(model), str(directory))
 
 
 def save_full_weights(model, named_tensors, directory: Path) -> None:
@@ -185,38 +192,50 @@ def _fit_to_param(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def load_weights(model, directory: Path) -> None:
-    """Load (and reshard) dist_checkpointing weights into this rank's part of ``model``."""
+    """Load (and reshard) dist_checkpointing weights into this rank's part of ``model`` (a model
+    or a list of virtual pipeline chunks)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
-    from .builder import unwrap
-
-    gpt = unwrap(model)
-    # Transformer Engine modules add `_extra_state` (fp8 metadata, no weights): a checkpoint
-    # written without TE has none, and the weights load either way. (Those entries are pickled
-    # objects: not asking for them also means torch never unpickles them.)
-    state = {k: v for k, v in sharded_state_dict(gpt).items() if not k.endswith("._extra_state")}
-    # Factories (SwiGLU fc1) would load into fresh halves and concatenate them into a third
-    # copy; building them here makes their halves views of the parameter, loaded in place.
-    in_place = [name for name, entry in state.items() if isinstance(entry, ShardedTensorFactory)]
-    for name in in_place:
-        state[name] = state[name].build()
-    loaded = load_sharded(state, directory)
-    for name in in_place:
-        loaded.pop(name)
-    result = gpt.load_state_dict(loaded, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("._extra_state") and
-               k not in in_place]
-    if missing:
-        raise ConfigError(f"checkpoint {directory} lacks {missing[0]} (and {len(missing) - 1} "
-                          "more): it was saved from a different model")
+    gpts = [unwrap(chunk) for chunk in model_chunks(model)]
+    states, in_place = [], []
+    for gpt in gpts:
+        # Transformer Engine modules add `_extra_state` (fp8 metadata, no weights): a checkpoint
+        # written without TE has none, and the weights load either way. (Those entries are
+        # pickled objects: not asking for them also means torch never unpickles them.)
+        state = {k: v for k, v in _chunk_state_dict(gpt).items()
+                 if not k.endswith("._extra_state")}
+        # Factories (SwiGLU fc1) would load into fresh halves and concatenate them into a third
+        # copy; building them here makes their halves views of the parameter, loaded in place.
+        built = [name for name, entry in state.items() if isinstance(entry, ShardedTensorFactory)]
+        for name in built:
+            state[name] = state[name].build()
+        states.append(state)
+        in_place.append(built)
+    if len(gpts) == 1:
+        loaded = [load_sharded(states[0], directory)]
+    else:
+        request = {f"model{v}": state for v, state in enumerate(states)}
+        everything = load_sharded(request, directory)
+        loaded = [everything[f"model{v}"] for v in range(len(gpts))]
+    for gpt, state, built in zip(gpts, loaded, in_place):
+        for name in built:
+            state.pop(name)
+        result = gpt.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("._extra_state") and
+                   k not in built]
+        if missing:
+            raise ConfigError(f"checkpoint {directory} lacks {missing[0]} (and "
+                              f"{len(missing) - 1} more): it was saved from a different model")
 
 
 def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "auto",
-               pg_collection=None, expect_kind: Optional[str] = None, **build_options):
+               pg_collection=None, expect_kind: Optional[str] = None, virtual_pp: int = 1,
+               **build_options):
     """Build the model a checkpoint describes for this rank's tp/pp stage and load its weights.
 
-    Returns ``(model, checkpoint)``. ``params_dtype`` defaults to the dtype it was saved in;
-    ``build_options`` go to the builder (recompute, sequence_parallel).
+    Returns ``(model, checkpoint)``; with ``virtual_pp`` > 1 the model is the list of the
+    stage's virtual pipeline chunks (a policy only). ``params_dtype`` defaults to the dtype it
+    was saved in; ``build_options`` go to the builder (recompute, sequence_parallel).
     """
     from ..runtime.layout import validate_layout
     from .builder import _group_sizes
@@ -229,13 +248,17 @@ def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "au
     tp, pp = _group_sizes(pg_collection)
     validate_layout(tp * pp, tp, pp, ckpt.config, what=f"{ckpt.meta.kind} model")
     dtype = params_dtype or dtype_from_name(ckpt.meta.dtype)
-    model = build_model(ckpt.config, reward=ckpt.meta.is_reward, params_dtype=dtype, spec=spec,
-                        pg_collection=pg_collection, perform_initialization=False,
-                        **build_options)
+    options = dict(reward=ckpt.meta.is_reward, params_dtype=dtype, spec=spec,
+                   pg_collection=pg_collection, perform_initialization=False, **build_options)
+    if virtual_pp > 1:
+        model = [build_model(ckpt.config, virtual_pp=virtual_pp, vp_stage=v, **options)
+                 for v in range(virtual_pp)]
+    else:
+        model = build_model(ckpt.config, **options)
     load_weights(model, ckpt.path / WEIGHTS_DIR)
     # megatron keeps a few modules (learned positions, torch norms) in fp32 whatever params_dtype
     # says; one dtype throughout is what megatron's Float16Module would give, without the wrapper.
-    model = model.to(dtype)
+    model = [chunk.to(dtype) for chunk in model] if virtual_pp > 1 else model.to(dtype)
     log.info("loaded %s %s from %s (tp=%d pp=%d, %s)", ckpt.meta.kind, ckpt.meta.architecture,
              ckpt.path, tp, pp, DTYPE_NAMES.get(dtype, str(dtype)))
     return model, ckpt

@@ -22,12 +22,13 @@ from typing import Sequence
 import torch
 
 from ..config_io import ConfigError
-from ..models.builder import unwrap
+from ..models.builder import model_chunks, unwrap
 from ..ops.padding import position_ids
 from ..runtime import cpu_compat
 from .forward import StageForward
 from .kv_cache import SharedPrefixKVCache
 from .sampling import GREEDY, SamplingParams, choose, row_uniforms
+from .static_decode import StaticDecode, static_decode_applies
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 # for the step's kernels). Rows that finished early only produce padding meanwhile, and the output
 # is cut at the longest row, so the result does not depend on it; on the CPU a check costs nothing.
 FINISHED_CHECK_EVERY = {"cuda": 8}
+# devices whose decode steps run on static buffers (static_decode.py); captured as a CUDA graph
+# on a GPU. The CPU runs the eager steps (no launch overhead to save; tests add it here).
+STATIC_DECODE_DEVICES = {"cuda"}
 
 
 @dataclass
@@ -63,11 +67,12 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
              continuations: Sequence[SamplingParams] = (GREEDY,), max_new_tokens: int = 64,
              eos_token_ids: Sequence[int] = (), vocab_size: int | None = None, seed: int = 0,
              sample_ids: torch.Tensor | None = None, pad_token_id: int = 0,
-             pipeline_micro_batches: int = 0) -> GenerationOutput:
+             pipeline_micro_batches: int = 0, cuda_graph: bool = True) -> GenerationOutput:
     """Generate ``len(continuations)`` continuations of every prompt, the prompt prefilled once.
 
     Args:
-        model: the (tp/pp-sharded) policy, possibly wrapped in megatron DDP / Float16Module.
+        model: the (tp/pp-sharded) policy, possibly wrapped in megatron DDP / Float16Module;
+            or a list of its virtual pipeline chunks.
         prompt_ids, prompt_mask: [B, P]; rows may be left- or right-padded (mask 0 = padding).
         continuations: one SamplingParams per continuation of each prompt, e.g.
             (GREEDY, SamplingParams(temperature=1.0, top_p=0.9)) for ReMax.
@@ -83,6 +88,10 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
             decode step is bound by reading the weights, which each group repeats. 0 (auto):
             the prefill in 2 x pp groups, decoding the whole batch at once. The tokens do not
             depend on it.
+        cuda_graph: on a GPU, capture the decode step once as a CUDA graph and replay it for
+            every token (one process per pipeline and tensor-parallel group, the whole batch
+            decoding at once; see static_decode.py). The same tokens up to float rounding
+            (its attention runs over the whole masked cache).
     """
     gpt = unwrap(model)
     cfg = gpt.config
@@ -93,19 +102,23 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     if pipeline_micro_batches < 0:
         raise ConfigError(f"pipeline_micro_batches={pipeline_micro_batches} must be >= 0 "
                           "(0: automatic)")
-    was_training = model.training
-    model.eval()
+    chunks = model_chunks(model)
+    was_training = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
     try:
         with cpu_compat.suspended():  # no per-call interception in the decode loop (CPU runs)
             return _generate(model, prompt_ids, prompt_mask, list(continuations),
                              max_new_tokens, set(int(e) for e in eos_token_ids), vocab_size,
-                             seed, sample_ids, pad_token_id, cfg, pipeline_micro_batches)
+                             seed, sample_ids, pad_token_id, cfg, pipeline_micro_batches,
+                             cuda_graph)
     finally:
-        model.train(was_training)
+        for chunk, mode in zip(chunks, was_training):
+            chunk.train(mode)
 
 
 def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos, vocab_size, seed,
-              sample_ids, pad_token_id, cfg, micro_batches) -> GenerationOutput:
+              sample_ids, pad_token_id, cfg, micro_batches, cuda_graph) -> GenerationOutput:
     fwd = StageForward(model)
     pipe = fwd.pipe
     device = fwd.device
@@ -113,10 +126,16 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
     batch, k = prompt_ids.size(0), len(continuations)
     rows = batch * k
     tp_size = fwd.tp_group.size()
+    prefill_groups, decode_groups = _pipeline_groups(batch, pipe.size, micro_batches)
+    static = (cuda_graph and rows > 0 and max_new_tokens > 1
+              and device.type in STATIC_DECODE_DEVICES
+              and static_decode_applies(fwd, whole_batch=len(decode_groups) == 1))
     cache = SharedPrefixKVCache(
         len(fwd.layers), prompt_mask, k, max_new_tokens,
-        groups=cfg.num_query_groups // tp_size, head_dim=cfg.kv_channels, dtype=fwd.dtype)
-    prefill_groups, decode_groups = _pipeline_groups(batch, pipe.size, micro_batches)
+        groups=cfg.num_query_groups // tp_size, head_dim=cfg.kv_channels, dtype=fwd.dtype,
+        static=static)
+    decode_step = (StaticDecode(fwd, cache, rows, vocab_size, capture=device.type == "cuda")
+                   if static else None)
 
     prompt_len = prompt_mask.sum(-1)
     fwd.reserve_positions(int(prompt_len.max()) + max_new_tokens if batch else 0)
@@ -171,6 +190,9 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
         if eos and step % check_every == 0 and bool(finished.all()):
             break
         step_positions = (row_prompt_len + step - 1).unsqueeze(1)
+        if decode_step is not None:
+            logits = decode_step(chosen.unsqueeze(1), step_positions, step - 1)
+            continue
         logits = _last_stage_logits(fwd, vocab_size, [
             fwd.hidden(chosen[rows_of(g)].unsqueeze(1), step_positions[rows_of(g)],
                        _decode_attend(cache, step - 1, g))

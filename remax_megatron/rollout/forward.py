@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..models.builder import unwrap
+from ..models.builder import model_chunks, unwrap
 from ..runtime import cpu_compat
 
 
@@ -32,8 +32,10 @@ class Pipeline:
         me = ranks.index(dist.get_rank())
         self.size = len(ranks)
         self.first, self.last = me == 0, me == len(ranks) - 1
-        self.prev = ranks[me - 1] if me > 0 else None
-        self.next = ranks[me + 1] if me < len(ranks) - 1 else None
+        # a ring: with virtual pipeline chunks the last stage passes its chunk's output on to the
+        # first stage's next chunk
+        self.prev = ranks[(me - 1) % self.size]
+        self.next = ranks[(me + 1) % self.size]
         self.last_rank = ranks[-1]
 
     def receive(self, shape, dtype, device) -> torch.Tensor:
@@ -156,16 +158,23 @@ def _optional(module):
 
 
 class StageForward:
+    """This rank's part of the model: one pipeline stage, or (virtual pipeline) its chunks, each
+    a stage of a pipeline of pp * chunks stages that passes the ranks in a ring."""
+
     def __init__(self, model):
-        self.gpt = unwrap(model)
+        chunks = [unwrap(chunk) for chunk in model_chunks(model)]
+        self.gpt = chunks[0]  # the embedding (first stage), and what every chunk shares
+        self.head = chunks[-1]  # the final norm and output layer (last stage)
         self.pipe = Pipeline(self.gpt.pg_collection.pp)
         self.tp_group = self.gpt.pg_collection.tp
         self.tp_size = dist.get_world_size(self.tp_group)
         self.config = self.gpt.config
-        self.layers = list(self.gpt.decoder.layers)
+        self.layers = [layer for chunk in chunks for layer in chunk.decoder.layers]
+        ends = torch.tensor([len(chunk.decoder.layers) for chunk in chunks]).cumsum(0).tolist()
+        self.chunk_layers = [range(start, end) for start, end in zip([0] + ends, ends)]
         self.fast = [_FastLayer.plan(layer, self.tp_size) for layer in self.layers]
-        self.final_norm = (_norm(self.gpt.decoder.final_layernorm)
-                           or self.gpt.decoder.final_layernorm) if self.pipe.last else None
+        self.final_norm = (_norm(self.head.decoder.final_layernorm)
+                           or self.head.decoder.final_layernorm) if self.pipe.last else None
         self.embed = _plain_embedding(self.gpt, self.tp_size) if self.pipe.first else None
         self._output = None  # (vocab_size, weight rows of the true vocabulary)
         rope = self.gpt.position_embedding_type == "rope"
@@ -206,24 +215,27 @@ class StageForward:
         Last stage: final-normed hidden states [1, b, h] at ``pick`` [b] (or the only position);
         other stages: None (their output went to the next stage)."""
         b, s = ids.shape
-        if self.embed is not None:
-            hidden = self.embed(ids, positions)
-        elif self.pipe.first:
-            hidden = self.gpt.embedding(input_ids=ids, position_ids=positions)
-        else:
-            hidden = self.pipe.receive((s, b, self.config.hidden_size), self.dtype, self.device)
         rope = self.rope_for(positions)
         columns = self.use_columns(s, b)
-        for index, layer in enumerate(self.layers):
-            fast = self.fast[index]
-            if fast is None:
-                hidden = self._megatron_layer(layer, index, hidden, rope, attend)
-            elif columns:
-                hidden = self._fast_layer_columns(fast, index, hidden, rope, attend)
+        for chunk, indices in enumerate(self.chunk_layers):
+            if chunk == 0 and self.embed is not None:
+                hidden = self.embed(ids, positions)
+            elif chunk == 0 and self.pipe.first:
+                hidden = self.gpt.embedding(input_ids=ids, position_ids=positions)
             else:
-                hidden = self._fast_layer(fast, index, hidden, rope, attend)
+                hidden = self.pipe.receive((s, b, self.config.hidden_size), self.dtype,
+                                           self.device)
+            for index in indices:
+                fast = self.fast[index]
+                if fast is None:
+                    hidden = self._megatron_layer(self.layers[index], index, hidden, rope, attend)
+                elif columns:
+                    hidden = self._fast_layer_columns(fast, index, hidden, rope, attend)
+                else:
+                    hidden = self._fast_layer(fast, index, hidden, rope, attend)
+            if not (self.pipe.last and chunk == len(self.chunk_layers) - 1):
+                self.pipe.send(hidden)
         if not self.pipe.last:
-            self.pipe.send(hidden)
             return None
         if pick is not None:
             hidden = hidden[pick, torch.arange(b, device=hidden.device)].unsqueeze(0)
@@ -293,14 +305,14 @@ class StageForward:
         return hidden + (out if bias is None else out + bias)
 
     def output_weight(self) -> torch.Tensor:
-        return (self.gpt.shared_embedding_or_output_weight()
-                if self.gpt.share_embeddings_and_output_weights else None)
+        return (self.head.shared_embedding_or_output_weight()
+                if self.head.share_embeddings_and_output_weights else None)
 
     def logits(self, hidden: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
         """Full-vocabulary logits [b, V] (fp32) from [1, b, h]: the vocab-parallel output layer,
         gathered over tensor parallelism. With ``vocab_size`` (the true vocabulary) only its
         first ``vocab_size`` ids, else every (padded) id."""
-        output_layer = self.gpt.output_layer
+        output_layer = self.head.output_layer
         weight = self.output_weight()
         if self.tp_size == 1 and _plain_output_layer(output_layer):
             if self._output is None or self._output[0] != vocab_size:
@@ -325,7 +337,7 @@ class StageForward:
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """A reward model's scalar scores [b] (fp32) from [1, b, h]."""
-        return self.gpt.score_head(hidden)[0, :, 0].float()
+        return self.head.score_head(hidden)[0, :, 0].float()
 
 
 def _plain_embedding(gpt, tp_size: int):

@@ -43,6 +43,7 @@ class GenerateArgs:
     tokenizer: str | None = None
     pipeline_micro_batches: int = 0
     dtype: str = "auto"  # the weights' dtype for generation; auto: as the checkpoint stores them
+    cuda_graph: bool = True  # on a GPU (tp 1, pp 1): decode steps replay one captured CUDA graph
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +101,8 @@ def run_generate(args: GenerateArgs) -> int:
                            max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
                            vocab_size=checkpoint.config.vocab_size, seed=args.seed,
                            sample_ids=torch.tensor([p.index for p in batch]), pad_token_id=pad,
-                           pipeline_micro_batches=args.pipeline_micro_batches)
+                           pipeline_micro_batches=args.pipeline_micro_batches,
+                           cuda_graph=args.cuda_graph)
             for row, prompt in enumerate(batch):
                 response_ids = out.tokens[row, :int(out.lengths[row])].tolist()
                 results.append({

@@ -8,6 +8,11 @@ scaled_dot_product_attention call, each continuation masked to its prompt's real
 own generated ones; no prompt key/value is copied or recomputed for the second continuation.
 Prefill and decode may run on a contiguous group of prompts at a time (``prompts``, a slice;
 pipelined rollout).
+
+Static decoding (``static=True``, for CUDA graphs): every step has the same shapes and reads its
+step from a device tensor (``set_static_step``); its keys/values go in with index_copy_ and
+attention runs over the whole buffer, the positions past the step masked (zero-initialized, so
+no stale memory can turn a masked score into NaN).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from .attention import padded_causal_attention
 
 class SharedPrefixKVCache:
     def __init__(self, num_layers: int, prompt_mask: torch.Tensor, continuations: int,
-                 max_new_tokens: int, groups: int, head_dim: int, dtype: torch.dtype):
+                 max_new_tokens: int, groups: int, head_dim: int, dtype: torch.dtype,
+                 static: bool = False):
         batch, prompt_len = prompt_mask.shape
         device = prompt_mask.device
         self.k = continuations
@@ -30,8 +36,10 @@ class SharedPrefixKVCache:
         self.prompt_real = prompt_mask.bool()  # [B, P] keys that are real prompt tokens
         self.scale = 1.0 / math.sqrt(head_dim)
         shape = (batch, groups, prompt_len + continuations * max_new_tokens, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        alloc = torch.zeros if static else torch.empty
+        self.keys = [alloc(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [alloc(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._static = None  # (slots [k], mask [B, 1, k * per, P + k*T]) of the current step
         # No mask at all where every key up to the current step is visible to every query:
         # unpadded prompts and a single continuation.
         self._masked = continuations > 1 or not bool(self.prompt_real.all())
@@ -87,6 +95,35 @@ class SharedPrefixKVCache:
                                              scale=self.scale)
         if self.k > 1:
             out = out.unflatten(2, (self.k, per)).transpose(1, 2)  # [B, k, groups, per, d]
+        return out.reshape(1, rows, heads * d)
+
+    def set_static_step(self, step: torch.Tensor, per: int) -> None:
+        """The decode step of the next decode_static calls, from a 0-dim long device tensor
+        (``per``: query heads per key/value group): its slots and visible keys."""
+        length = self.keys[0].size(2)
+        first = self.prompt_len + step * self.k
+        slots = first + torch.arange(self.k, device=step.device)
+        visible = torch.arange(length, device=step.device) < first + self.k
+        self._static = (slots, self._mask(per) & visible)
+
+    def decode_static(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> torch.Tensor:
+        """``decode`` of the whole batch at the step given to set_static_step, with the same
+        shapes at every step (see the module's doc)."""
+        _, rows, heads, d = q.shape
+        groups = k.size(2)
+        per = heads // groups
+        batch = rows // self.k
+        slots, mask = self._static
+        new_k = k[0].view(batch, self.k, groups, d).transpose(1, 2)  # [B, groups, k, d]
+        new_v = v[0].view(batch, self.k, groups, d).transpose(1, 2)
+        self.keys[layer].index_copy_(2, slots, new_k)
+        self.values[layer].index_copy_(2, slots, new_v)
+        q = q[0].view(batch, self.k, groups, per, d).transpose(1, 2).reshape(
+            batch, groups, self.k * per, d)
+        out = F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer],
+                                             attn_mask=mask, scale=self.scale)
+        out = out.unflatten(2, (self.k, per)).transpose(1, 2)  # [B, k, groups, per, d]
         return out.reshape(1, rows, heads * d)
 
     def _mask(self, per: int) -> torch.Tensor:

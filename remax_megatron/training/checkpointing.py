@@ -117,7 +117,7 @@ def _save_model_and_optimizer(directory: Path, model, optimizer) -> None:
     try:
         save_weights(model, directory / WEIGHTS_DIR)
         dist_checkpointing.save(
-            optimizer.sharded_state_dict(sharded_state_dict(unwrap(model)),
+            optimizer.sharded_state_dict(sharded_state_dict(model),
                                          metadata=OPTIMIZER_METADATA),
             str(directory / OPTIMIZER_DIR))
     except (Exception, CheckpointException) as err:
@@ -137,7 +137,7 @@ def _load_model_and_optimizer(directory: Path, model, optimizer) -> None:
     load_weights(model, directory / WEIGHTS_DIR)
     prime_optimizer_state(optimizer)  # megatron's load-time state dict needs Adam's 'step'
     opt_state = load_sharded(
-        optimizer.sharded_state_dict(sharded_state_dict(unwrap(model)), is_loading=True,
+        optimizer.sharded_state_dict(sharded_state_dict(model), is_loading=True,
                                      metadata=OPTIMIZER_METADATA),
         directory / OPTIMIZER_DIR)
     optimizer.load_state_dict(opt_state)

@@ -31,6 +31,9 @@ class ParallelConfig:
     # sequence, the tensor-parallel all-reduces become reduce-scatter / all-gather pairs; the
     # rollout runs with it switched off
     sequence_parallel: bool = False
+    # model chunks per pipeline stage (megatron's interleaved schedule, pp >= 2): the pipeline's
+    # bubble shrinks by this factor, for virtual_pp times the stage-to-stage messages
+    virtual_pp: int = 1
 
 
 @dataclass
@@ -65,6 +68,9 @@ class RolloutConfig:
     # 0 (auto): the prefill in 2 x pp groups, decode steps on the whole batch; N: N groups for
     # both (helps large, compute-bound batches); 1: the whole batch stage after stage
     pipeline_micro_batches: int = 0
+    # on a GPU (pp 1, tp 1): each decode step replays one CUDA graph captured at the rollout's
+    # first step instead of launching its few hundred kernels (same tokens up to float rounding)
+    cuda_graph: bool = True
 
 
 @dataclass
@@ -183,6 +189,7 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
     if t.global_batch_size // layout.dp < 1:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} gives dp rank no prompt")
     _check_batch_split(cfg, layout.dp)
+    _check_virtual_pp(cfg, layout.dp)
     if cfg.rollout.pipeline_micro_batches < 0:
         raise ConfigError(f"rollout.pipeline_micro_batches={cfg.rollout.pipeline_micro_batches} "
                           "must be >= 0 (0: automatic)")
@@ -250,6 +257,31 @@ def _check_scale_features(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tp >= 2 (it splits "
                           "the sequence over the tensor-parallel ranks), got "
                           f"tp={cfg.parallel.tp}: raise tp or turn it off")
+
+
+def _check_virtual_pp(cfg: RunConfig, dp: int) -> None:
+    """parallel.virtual_pp: pp >= 2, no critic, and at least pp micro-batches in every update
+    (megatron's interleaved schedule runs them in groups of pp). The layer split is checked
+    with the policy's shape (Trainer._check_policy)."""
+    vpp, pp = cfg.parallel.virtual_pp, cfg.parallel.pp
+    if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
+        raise ConfigError(f"parallel.virtual_pp={vpp!r} must be a positive integer (1: off)")
+    if vpp == 1:
+        return
+    if pp < 2:
+        raise ConfigError(f"parallel.virtual_pp={vpp} needs pipeline parallelism: set "
+                          f"parallel.pp >= 2, or parallel.virtual_pp=1")
+    if cfg.algorithm.module.CRITIC:
+        raise ConfigError(f"parallel.virtual_pp={vpp} is not supported with "
+                          f"algorithm.name={cfg.algorithm.name} (its critic is built without "
+                          "virtual pipeline chunks): set parallel.virtual_pp=1")
+    t = cfg.train
+    per_update = (t.global_batch_size // dp * cfg.rollout.n_samples
+                  // (t.micro_batch_size * (cfg.algorithm.mini_batches or 1)))
+    if per_update < pp:
+        raise ConfigError(f"parallel.virtual_pp={vpp} needs at least pp={pp} micro-batches per "
+                          f"update, got {per_update}: lower train.micro_batch_size (or "
+                          "algorithm.mini_batches), or raise train.global_batch_size")
 
 
 def _check_batch_split(cfg: RunConfig, dp: int) -> None:

@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ..models.builder import unwrap
+from ..config_io import ConfigError
+from ..models.builder import model_chunks, unwrap
 
 
 @dataclass
@@ -51,7 +52,8 @@ def to_precision(model, dtype: torch.dtype, device: torch.device):
 
 
 def wrap_ddp(model, use_distributed_optimizer: bool = False, grad_reduce_in_fp32: bool = True):
-    """Megatron DDP around ``model`` (gradients in contiguous fp32 buffers, reduced at finalize)."""
+    """Megatron DDP around ``model`` (gradients in contiguous fp32 buffers, reduced at finalize);
+    around each chunk of a list of virtual pipeline chunks (then a list)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -60,20 +62,25 @@ def wrap_ddp(model, use_distributed_optimizer: bool = False, grad_reduce_in_fp32
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    # Our losses return (sum, normalizer): megatron divides gradients by the global normalizer.
-    # DDP reads this flag when it is built (it then skips its own 1/dp scaling).
-    model.config.calculate_per_token_loss = True
-    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    ddp.config.finalize_model_grads_func = finalize_model_grads
-    ddp.config.no_sync_func = ddp.no_sync
-    return ddp
+    ddps = []
+    for index, chunk in enumerate(model_chunks(model)):
+        # Our losses return (sum, normalizer): megatron divides gradients by the global
+        # normalizer. DDP reads this flag when it is built (it then skips its own 1/dp scaling).
+        chunk.config.calculate_per_token_loss = True
+        ddps.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
+                                            module=chunk, disable_bucketing=index > 0))
+    no_sync = ddps[0].no_sync if len(ddps) == 1 else [ddp.no_sync for ddp in ddps]
+    for ddp in ddps:
+        ddp.config.finalize_model_grads_func = finalize_model_grads
+        ddp.config.no_sync_func = no_sync
+    return ddps if isinstance(model, (list, tuple)) else ddps[0]
 
 
 def build_optimizer(ddp_model, settings: OptimizerSettings):
     """Megatron's Adam (plain or distributed), with gradient clipping and fp32 main params."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    config = ddp_model.config
+    config = unwrap(ddp_model).config
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
@@ -88,8 +95,9 @@ def build_optimizer(ddp_model, settings: OptimizerSettings):
         params_dtype=config.params_dtype,
         use_distributed_optimizer=settings.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
-    config.grad_scale_func = optimizer.scale_loss
+    optimizer = get_megatron_optimizer(opt_config, model_chunks(ddp_model))
+    for chunk in model_chunks(ddp_model):
+        chunk.config.grad_scale_func = optimizer.scale_loss
     return optimizer
 
 
@@ -146,27 +154,54 @@ def forward_backward(model, batches: Iterable[dict], loss_fn: Callable, seq_leng
 
     Each batch holds ``input_ids`` and ``position_ids`` [mbs, seq] (the same on every stage;
     ``seq`` may differ between micro-batches, up to ``seq_length``), optionally
-    ``logit_positions`` (see output_layer_at), and whatever ``loss_fn`` reads.
+    ``logit_positions`` (see output_layer_at), and whatever ``loss_fn`` reads. ``model``: one
+    model, or a list of virtual pipeline chunks (megatron's interleaved schedule).
     Returns the metrics dicts ``loss_fn`` produced (last pipeline stage; empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batches = list(batches)
+    chunks = model_chunks(model)
     # micro-batches trimmed to their own longest row: pipeline stages then exchange each
     # activation's shape before the activation (megatron's variable sequence lengths)
-    model.config.variable_seq_lengths = len({b["input_ids"].shape for b in batches}) > 1
-    if not forward_only:
-        model.zero_grad_buffer()
+    variable = len({b["input_ids"].shape for b in batches}) > 1
+    for chunk in chunks:
+        chunk.config.variable_seq_lengths = variable
+        if not forward_only:
+            chunk.zero_grad_buffer()
+    data = iter(batches)
     forward_backward_func = get_forward_backward_func()
+    if len(chunks) > 1:
+        pp = unwrap(chunks[0]).pg_collection.pp.size()
+        _interleave(chunks, len(batches), pp)
+        forward_backward_func = get_forward_backward_func(pp_size=pp, vp_size=len(chunks))
+        data = [iter(batches) for _ in chunks]  # every chunk reads each micro-batch once
     return forward_backward_func(
         forward_step_func=partial(_forward_step, loss_fn),
-        data_iterator=iter(batches),
-        model=[model],
+        data_iterator=data,
+        model=chunks,
         num_microbatches=len(batches),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
+
+
+def _interleave(chunks: list, micro_batches: int, pp: int) -> None:
+    """Settings of megatron's interleaved schedule for this call: it runs micro-batches in
+    groups of pp per chunk (depth first); a count that pp does not divide runs as one group."""
+    if micro_batches < pp:
+        raise ConfigError(
+            f"virtual pipeline stages need at least pp={pp} micro-batches per update, got "
+            f"{micro_batches}: lower train.micro_batch_size or raise train.global_batch_size")
+    group = pp if micro_batches % pp == 0 else micro_batches
+    for chunk in chunks:
+        chunk.config.microbatch_group_size_per_vp_stage = group
+        # Megatron-LM's interleaved default: forward and backward messages in separate calls.
+        # Batched, both directions go between the same two ranks at pp=2 in one call (and a
+        # forward activation could be matched with a backward gradient)
+        chunk.config.overlap_p2p_comm = True
+        chunk.config.batch_p2p_comm = False
 
 
 
@@ -180,15 +215,17 @@ def forward_only(model, batches: list[dict], record: Callable, seq_length: int,
         return output.sum() * 0, torch.tensor(1, dtype=torch.int), {}
 
     with torch.no_grad():
-        model.config.calculate_per_token_loss = True
+        for chunk in model_chunks(model):
+            chunk.config.calculate_per_token_loss = True
         forward_backward(model, batches, capture, seq_length=seq_length,
                          micro_batch_size=micro_batch_size, forward_only=True)
 
 
 def grads_finite(ddp_model) -> bool:
     """Every gradient of every rank finite (one all-reduce)."""
-    bad = torch.zeros((), device=ddp_model.buffers[0].grad_data.device)
-    for buffer in ddp_model.buffers:
+    buffers = [buffer for chunk in model_chunks(ddp_model) for buffer in chunk.buffers]
+    bad = torch.zeros((), device=buffers[0].grad_data.device)
+    for buffer in buffers:
         if not torch.isfinite(buffer.grad_data).all():
             bad.fill_(1.0)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -200,7 +237,9 @@ def update(ddp_model, optimizer, batches: list[dict], loss_fn: Callable, seq_len
     """Forward/backward over ``batches`` and one optimizer step, unless a gradient is non-finite
     somewhere (then the gradients are dropped and the weights stay as they were; under fp16
     megatron's loss scaler makes that call). Returns (applied, grad norm)."""
-    ddp_model.train()
+    chunks = model_chunks(ddp_model)
+    for chunk in chunks:
+        chunk.train()
     # After a step megatron's fp32 optimizer leaves param.grad aliased to the DDP grad buffer;
     # the next backward would then add the first micro-batch's gradient twice.
     optimizer.zero_grad()
@@ -210,7 +249,8 @@ def update(ddp_model, optimizer, batches: list[dict], loss_fn: Callable, seq_len
     if fp16 or grads_finite(ddp_model):
         applied, grad_norm, _ = optimizer.step()
     if not applied:
-        ddp_model.zero_grad_buffer()
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
         optimizer.zero_grad()
     return applied, float(grad_norm) if grad_norm is not None else float("nan")
 

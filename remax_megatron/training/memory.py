@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.builder import unwrap
+from ..models.builder import model_chunks, unwrap
 
 
 def _bytes(tensors) -> int:
@@ -23,15 +23,16 @@ def _optimizers(optimizer) -> list:
 
 
 def model_state_bytes(model, ddp=None, optimizer=None) -> dict[str, int]:
-    """{"params", "grads", "optimizer", "total"} in bytes for one model on this rank.
+    """{"params", "grads", "optimizer", "total"} in bytes for one model (or its virtual pipeline
+    chunks) on this rank.
 
     optimizer: Adam's moments and any main-parameter copies it steps (fp32 copies of bf16
     weights, distributed-optimizer shards); the model's own parameters are not counted twice.
     """
-    params = list(unwrap(model).parameters())
+    params = [p for chunk in model_chunks(model) for p in unwrap(chunk).parameters()]
     out = {"params": _bytes(params), "grads": 0, "optimizer": 0}
     if ddp is not None:
-        out["grads"] = _bytes(b.grad_data for b in ddp.buffers)
+        out["grads"] = _bytes(b.grad_data for chunk in model_chunks(ddp) for b in chunk.buffers)
     if optimizer is not None:
         own = {p.untyped_storage().data_ptr() for p in params}
         for opt in _optimizers(optimizer):

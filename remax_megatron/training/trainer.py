@@ -24,7 +24,8 @@ from ..data.prompts import Prompt, load_prompts
 from ..data.tokenizer import check_fits, eos_token_ids, load_tokenizer
 from ..convert.hf_files import GENERATION_CONFIG
 from ..models.builder import (
-    build_policy, dtype_from_name, sequence_multiple, sequence_parallel_off, unwrap,
+    build_policy_chunks, dtype_from_name, model_chunks, sequence_multiple, sequence_parallel_off,
+    unwrap,
 )
 from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_checkpoint
 from ..models.hf_config import HFModelInfo, to_hf_config
@@ -218,6 +219,12 @@ class Trainer:
                 f"policy dropout (hidden_dropout={model.hidden_dropout}, attention_dropout="
                 f"{model.attention_dropout}) must be 0: the update needs the log-probs of the "
                 "responses exactly as the rollout produced them")
+        layers, split = model.num_layers, cfg.parallel.pp * cfg.parallel.virtual_pp
+        if cfg.parallel.virtual_pp > 1 and layers % split:
+            raise ConfigError(
+                f"the policy's {layers} layers do not split into parallel.pp x virtual_pp = "
+                f"{split} chunks of equal size: choose virtual_pp so that pp x virtual_pp "
+                f"divides {layers}")
 
     def _tokenizer(self):
         p = self.cfg.policy
@@ -267,32 +274,36 @@ class Trainer:
             name = "bf16" if self.device.type == "cuda" else "fp32"
         return dtype_from_name(name)
 
-    def _build_policy(self):
-        p = self.cfg.policy
+    def _build_policy(self) -> list:
+        """The policy's chunks on this rank (one without virtual pipeline stages)."""
+        p, vpp = self.cfg.policy, self.cfg.parallel.virtual_pp
         # megatron's scale features (the frozen reference, forward-only, needs neither)
         scale = dict(recompute=self.cfg.train.recompute,
                      sequence_parallel=self.cfg.parallel.sequence_parallel)
         if p.load is not None:
-            return self._precision(load_model(p.load, **scale)[0])
-        # A fresh model starts from the same weights at every layout (see seeded_full_weights).
-        model = build_policy(p.model, perform_initialization=False, **scale)
-        load_full_state_dict(model, seeded_full_weights(model, self.cfg.train.seed))
-        return self._precision(model)
+            chunks = model_chunks(load_model(p.load, virtual_pp=vpp, **scale)[0])
+        else:
+            # A fresh model starts from the same weights at every layout (seeded_full_weights).
+            chunks = build_policy_chunks(p.model, vpp, perform_initialization=False, **scale)
+            for chunk in chunks:
+                load_full_state_dict(chunk, seeded_full_weights(chunk, self.cfg.train.seed))
+        return [self._precision(chunk) for chunk in chunks]
 
     def _precision(self, model):
         return to_precision(model, self.dtype, self.device)
 
-    def _build_reference(self):
-        """A frozen copy of the initial policy (only when kl_coef > 0)."""
-        p = self.cfg.policy
+    def _build_reference(self) -> list:
+        """A frozen copy of the initial policy (only when kl_coef > 0), chunked as it is."""
+        p, vpp = self.cfg.policy, self.cfg.parallel.virtual_pp
         if p.load is not None:
-            ref = load_model(p.load)[0]
+            chunks = model_chunks(load_model(p.load, virtual_pp=vpp)[0])
         else:
-            ref = build_policy(p.model, perform_initialization=False)
-            ref.load_state_dict(unwrap(self.model).state_dict())
-        for param in ref.parameters():
+            chunks = build_policy_chunks(p.model, vpp, perform_initialization=False)
+            for ref, chunk in zip(chunks, self.model):
+                ref.load_state_dict(unwrap(chunk).state_dict())
+        for param in (param for ref in chunks for param in ref.parameters()):
             param.requires_grad_(False)
-        return self._precision(ref).eval()
+        return [self._precision(ref).eval() for ref in chunks]
 
     def _reward_model(self):
         from megatron.core import parallel_state as ps
@@ -363,7 +374,8 @@ class Trainer:
                             seed=mix_seed(self.cfg.train.seed, self.step),
                             sample_ids=torch.tensor([uid for uid, _ in mine]),
                             pad_token_id=self.pad,
-                            pipeline_micro_batches=r.pipeline_micro_batches)
+                            pipeline_micro_batches=r.pipeline_micro_batches,
+                            cuda_graph=r.cuda_graph)
 
     def _log_probs(self, output, batch, with_entropy: bool = False):
         return frame_log_probs(output, batch, self.policy.config.vocab_size, with_entropy)
@@ -384,7 +396,8 @@ class Trainer:
             batch["old_log_probs"] = self._log_probs(output, batch)
             self._advantages(batch, batch["old_log_probs"])
 
-        self.ddp.eval()  # as in the rollout
+        for chunk in self.ddp:
+            chunk.eval()  # as in the rollout
         forward_only(self.ddp, batches, record, width, self.cfg.train.micro_batch_size)
 
     def _advantages(self, batch: dict, old_log_probs: torch.Tensor) -> torch.Tensor:
@@ -501,7 +514,8 @@ class Trainer:
                         max_new_tokens=self.cfg.rollout.max_new_tokens, eos_token_ids=self.eos,
                         vocab_size=self.policy.config.vocab_size, seed=0,
                         sample_ids=torch.tensor([i for i, _ in chunk]), pad_token_id=self.pad,
-                        pipeline_micro_batches=self.cfg.rollout.pipeline_micro_batches)
+                        pipeline_micro_batches=self.cfg.rollout.pipeline_micro_batches,
+                        cuda_graph=self.cfg.rollout.cuda_graph)
                 items, lengths = reward_items(EVAL_SHAPE, chunk, out, self.tokenizer), out.lengths
             rewards = agreed(lambda: self.reward.score(items) if items or self.reward.collective
                               else torch.zeros(0))

@@ -32,6 +32,7 @@ import torch
 from remax_megatron import tiny
 from remax_megatron.convert.commands import hf_to_mcore
 from remax_megatron.models.checkpoint import load_model
+from remax_megatron.rollout import static_decode
 from remax_megatron.rollout.engine import generate
 from remax_megatron.rollout.generate_command import left_pad
 from remax_megatron.runtime.distributed import init_runtime, shutdown
@@ -108,10 +109,22 @@ def check_greedy(args, root: Path, device: torch.device, dtype: torch.dtype) -> 
         hf_tokens, hf_logits = hf_greedy(hf, ids, mask, args.max_new_tokens)
         ours, checkpoint = load_model(ckpt)
         ours = ours.to(device)
-        out = generate(ours, ids, mask, max_new_tokens=args.max_new_tokens,
-                       vocab_size=checkpoint.config.vocab_size, pad_token_id=0)
+        captures = []
+        capture = static_decode.StaticDecode._capture
+        static_decode.StaticDecode._capture = lambda self: captures.append(1) or capture(self)
+        try:  # on a GPU the decode step is captured as a CUDA graph (static_decode.py)
+            out = generate(ours, ids, mask, max_new_tokens=args.max_new_tokens,
+                           vocab_size=checkpoint.config.vocab_size, pad_token_id=0)
+        finally:
+            static_decode.StaticDecode._capture = capture
+        eager = generate(ours, ids, mask, max_new_tokens=args.max_new_tokens,
+                         vocab_size=checkpoint.config.vocab_size, pad_token_id=0,
+                         cuda_graph=False)
         assert out.tokens.shape == hf_tokens.shape, (out.tokens.shape, hf_tokens.shape)
         report[name] = compare_rows(out.tokens.cpu(), hf_tokens.cpu(), hf_logits.cpu(), args.tie)
+        report[name]["graph_captures"] = len(captures)
+        report[name]["eager"] = compare_rows(eager.tokens.cpu(), hf_tokens.cpu(),
+                                             hf_logits.cpu(), args.tie)
         report[name].update(param_dtype=str(next(ours.parameters()).dtype),
                             hf_dtype=str(next(hf.parameters()).dtype),
                             logit_scale=hf_logits.abs().max().item())

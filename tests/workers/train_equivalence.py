@@ -97,7 +97,8 @@ def main() -> int:
     trainer._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64,
                                       device=trainer.device)
     trainer._update_stats = torch.zeros(len(UPDATE_STATS), device=trainer.device)
-    trainer.ddp.train()
+    for chunk in trainer.ddp:  # the policy's virtual pipeline chunks (one here)
+        chunk.train()
     forward_backward(trainer.ddp, batches, trainer._loss, seq_length=width, micro_batch_size=2)
     grads = {name: p.main_grad.clone() for name, p in unwrap(trainer.ddp).named_parameters()}
     speaker = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage()
