@@ -324,7 +324,7 @@ def test_load_model_checks_files_before_building(base, tmp_path, megatron_runtim
 
     ckpt = copy_run(base, tmp_path) / "checkpoints" / "step_000002"
     _truncate(ckpt / "model" / "__0_1.distcp")
-    monkeypatch.setattr(checkpoint, "build_model", lambda *a, **k: pytest.fail("built"))
+    monkeypatch.setattr(checkpoint, "build_chunks", lambda *a, **k: pytest.fail("built"))
     with pytest.raises(ConfigError, match=r"model/__0_1.distcp is truncated \(\d+ bytes, \d+ "
                                           r"expected\): the checkpoint is damaged"):
         checkpoint.load_model(ckpt)

@@ -238,23 +238,40 @@ def build_policy(model: ModelConfig, params_dtype: torch.dtype = torch.float32, 
     with ``virtual_pp`` > 1, the stage's chunk ``vp_stage`` (see build_policy_chunks)."""
     from megatron.core.models.gpt import GPTModel
 
+    return _build(GPTModel, model, params_dtype, spec, pg_collection, perform_initialization,
+                  recompute, sequence_parallel, virtual_pp, vp_stage,
+                  tied=model.tie_word_embeddings)
+
+
+def _build(cls, model: ModelConfig, params_dtype, spec, pg_collection, perform_initialization,
+           recompute, sequence_parallel, virtual_pp, vp_stage, tied: bool):
     tp, pp = _group_sizes(pg_collection)
     if virtual_pp > 1 and vp_stage is None:
         raise ValueError("virtual_pp > 1 builds one chunk per call: pass vp_stage")
+    vp_stage = vp_stage if virtual_pp > 1 else None
     pre, post = _stage_flags(pg_collection, vp_stage, virtual_pp)
     cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization, recompute,
                              sequence_parallel, virtual_pp)
-    gpt = GPTModel(
+    gpt = cls(
         config=cfg,
         transformer_layer_spec=_block_spec(layer_spec(model, spec), cfg, _pp_rank(pg_collection),
-                                           vp_stage if virtual_pp > 1 else None),
-        share_embeddings_and_output_weights=model.tie_word_embeddings,
+                                           vp_stage),
+        share_embeddings_and_output_weights=tied,
         pg_collection=pg_collection,
-        vp_stage=vp_stage if virtual_pp > 1 else None,
+        vp_stage=vp_stage,
         **_gpt_kwargs(model, tp, pre, post),
     )
     _finish(gpt, model)
     return gpt
+
+
+def build_chunks(model: ModelConfig, virtual_pp: int = 1, reward: bool = False,
+                 **options) -> list:
+    """build_policy_chunks, or the same chunks of a reward model (``reward``)."""
+    if virtual_pp == 1:
+        return [build_model(model, reward=reward, **options)]
+    return [build_model(model, reward=reward, virtual_pp=virtual_pp, vp_stage=v, **options)
+            for v in range(virtual_pp)]
 
 
 def build_policy_chunks(model: ModelConfig, virtual_pp: int = 1, **options) -> list:
@@ -263,10 +280,7 @@ def build_policy_chunks(model: ModelConfig, virtual_pp: int = 1, **options) -> l
     num_layers / (pp * virtual_pp) layers, so an activation crosses the stages virtual_pp times
     and the pipeline's bubble shrinks by that factor. One chunk (a plain list of the stage's
     model) when virtual_pp is 1."""
-    if virtual_pp == 1:
-        return [build_policy(model, **options)]
-    return [build_policy(model, virtual_pp=virtual_pp, vp_stage=v, **options)
-            for v in range(virtual_pp)]
+    return build_chunks(model, virtual_pp, **options)
 
 
 def _pp_rank(pg_collection) -> int:
@@ -324,22 +338,14 @@ def _reward_model_class():
 def build_reward_model(model: ModelConfig, params_dtype: torch.dtype = torch.float32,
                        spec: str = "auto", pg_collection=None,
                        perform_initialization: bool = True, recompute: str = "none",
-                       sequence_parallel: bool = False):
-    """The reward model: the policy's backbone with a scalar head instead of the vocab projection."""
-    tp, pp = _group_sizes(pg_collection)
-    pre, post = _stage_flags(pg_collection)
-    cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization, recompute,
-                             sequence_parallel)
-    rm = _reward_model_class()(
-        config=cfg,
-        transformer_layer_spec=_block_spec(layer_spec(model, spec), cfg, _pp_rank(pg_collection),
-                                           None),
-        share_embeddings_and_output_weights=False,
-        pg_collection=pg_collection,
-        **_gpt_kwargs(model, tp, pre, post),
-    )
-    _finish(rm, model)
-    return rm
+                       sequence_parallel: bool = False, virtual_pp: int = 1,
+                       vp_stage: int | None = None):
+    """The reward model: the policy's backbone with a scalar head instead of the vocab projection
+    (with ``virtual_pp`` > 1, chunk ``vp_stage`` of the stage: PPO's critic on the policy's
+    layout)."""
+    return _build(_reward_model_class(), model, params_dtype, spec, pg_collection,
+                  perform_initialization, recompute, sequence_parallel, virtual_pp, vp_stage,
+                  tied=False)
 
 
 def _finish(gpt, model: ModelConfig) -> None:

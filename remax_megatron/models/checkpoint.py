@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..config_io import ConfigError, atomic_write_text, from_dict, load_yaml, save_yaml
-from .builder import build_model, dtype_from_name, model_chunks, unwrap
+from .builder import build_chunks, dtype_from_name, model_chunks, unwrap
 from .config import ModelConfig
 from .dcp_reader import DAMAGED, check_weights, load_sharded, read_json
 
@@ -234,7 +234,7 @@ def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "au
     """Build the model a checkpoint describes for this rank's tp/pp stage and load its weights.
 
     Returns ``(model, checkpoint)``; with ``virtual_pp`` > 1 the model is the list of the
-    stage's virtual pipeline chunks (a policy only). ``params_dtype`` defaults to the dtype it
+    stage's virtual pipeline chunks. ``params_dtype`` defaults to the dtype it
     was saved in; ``build_options`` go to the builder (recompute, sequence_parallel).
     """
     from ..runtime.layout import validate_layout
@@ -248,13 +248,10 @@ def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "au
     tp, pp = _group_sizes(pg_collection)
     validate_layout(tp * pp, tp, pp, ckpt.config, what=f"{ckpt.meta.kind} model")
     dtype = params_dtype or dtype_from_name(ckpt.meta.dtype)
-    options = dict(reward=ckpt.meta.is_reward, params_dtype=dtype, spec=spec,
-                   pg_collection=pg_collection, perform_initialization=False, **build_options)
-    if virtual_pp > 1:
-        model = [build_model(ckpt.config, virtual_pp=virtual_pp, vp_stage=v, **options)
-                 for v in range(virtual_pp)]
-    else:
-        model = build_model(ckpt.config, **options)
+    chunks = build_chunks(ckpt.config, virtual_pp, reward=ckpt.meta.is_reward, params_dtype=dtype,
+                          spec=spec, pg_collection=pg_collection, perform_initialization=False,
+                          **build_options)
+    model = chunks if virtual_pp > 1 else chunks[0]
     load_weights(model, ckpt.path / WEIGHTS_DIR)
     # megatron keeps a few modules (learned positions, torch norms) in fp32 whatever params_dtype
     # says; one dtype throughout is what megatron's Float16Module would give, without the wrapper.

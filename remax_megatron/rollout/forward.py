@@ -15,6 +15,8 @@ last stage returns the final-normed hidden states at chosen positions.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -170,7 +172,7 @@ class StageForward:
         self.tp_size = dist.get_world_size(self.tp_group)
         self.config = self.gpt.config
         self.layers = [layer for chunk in chunks for layer in chunk.decoder.layers]
-        ends = torch.tensor([len(chunk.decoder.layers) for chunk in chunks]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(len(chunk.decoder.layers) for chunk in chunks))
         self.chunk_layers = [range(start, end) for start, end in zip([0] + ends, ends)]
         self.fast = [_FastLayer.plan(layer, self.tp_size) for layer in self.layers]
         self.final_norm = (_norm(self.head.decoder.final_layernorm)

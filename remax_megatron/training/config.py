@@ -260,7 +260,7 @@ def _check_scale_features(cfg: RunConfig) -> None:
 
 
 def _check_virtual_pp(cfg: RunConfig, dp: int) -> None:
-    """parallel.virtual_pp: pp >= 2, no critic, and at least pp micro-batches in every update
+    """parallel.virtual_pp: pp >= 2 and at least pp micro-batches in every update
     (megatron's interleaved schedule runs them in groups of pp). The layer split is checked
     with the policy's shape (Trainer._check_policy)."""
     vpp, pp = cfg.parallel.virtual_pp, cfg.parallel.pp
@@ -271,10 +271,6 @@ def _check_virtual_pp(cfg: RunConfig, dp: int) -> None:
     if pp < 2:
         raise ConfigError(f"parallel.virtual_pp={vpp} needs pipeline parallelism: set "
                           f"parallel.pp >= 2, or parallel.virtual_pp=1")
-    if cfg.algorithm.module.CRITIC:
-        raise ConfigError(f"parallel.virtual_pp={vpp} is not supported with "
-                          f"algorithm.name={cfg.algorithm.name} (its critic is built without "
-                          "virtual pipeline chunks): set parallel.virtual_pp=1")
     t = cfg.train
     per_update = (t.global_batch_size // dp * cfg.rollout.n_samples
                   // (t.micro_batch_size * (cfg.algorithm.mini_batches or 1)))

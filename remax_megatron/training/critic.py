@@ -15,7 +15,7 @@ import torch
 
 from ..algorithms.common import clipped_value_loss, reduce
 from ..config_io import ConfigError
-from ..models.builder import build_reward_model, unwrap
+from ..models.builder import build_chunks, model_chunks, unwrap
 from ..models.checkpoint import CheckpointMeta, load_model, read_checkpoint
 from ..models.hf_config import REWARD, HFModelInfo, to_hf_config
 from .engine import OptimizerSettings, build_optimizer, build_scheduler, forward_only, update, wrap_ddp
@@ -86,24 +86,28 @@ class Critic:
     def __init__(self, source: CriticSource, policy, precision, settings: OptimizerSettings,
                  warmup_steps: int, total_steps: int, clip_value: float,
                  load_weights: bool = True):
-        """``policy``: the built policy (copied from when the source is the policy);
-        ``precision``: the trainer's dtype/device/Float16Module wrapper; ``load_weights``
-        False when a training checkpoint is about to replace them (resume)."""
+        """``policy``: the built policy or its virtual pipeline chunks (copied from when the
+        source is the policy; the critic is chunked as it is); ``precision``: the trainer's
+        dtype/device/Float16Module wrapper; ``load_weights`` False when a training checkpoint is
+        about to replace the weights (resume). ``model`` and ``ddp`` are lists of chunks."""
         self.source = source
         self.clip_value = clip_value
-        if not load_weights:
-            model = build_reward_model(source.config, perform_initialization=False)
-        elif source.path is not None:
-            model = load_model(source.path, expect_kind="reward")[0]
+        policy = model_chunks(policy) if policy is not None else None
+        vpp = len(policy) if policy is not None else 1
+        if source.path is not None and load_weights:
+            chunks = model_chunks(load_model(source.path, expect_kind="reward",
+                                             virtual_pp=vpp)[0])
         else:
-            model = build_reward_model(source.config, perform_initialization=False)
-            _copy_backbone(unwrap(policy), model)
-        self.model = precision(model)
+            chunks = build_chunks(source.config, vpp, reward=True, perform_initialization=False)
+            if load_weights:
+                for mine, theirs in zip(chunks, policy, strict=True):
+                    _copy_backbone(unwrap(theirs), mine)
+        self.model = [precision(chunk) for chunk in chunks]
         self.ddp = wrap_ddp(self.model, settings.use_distributed_optimizer)
         self.optimizer = build_optimizer(self.ddp, settings)
         self.scheduler = build_scheduler(self.optimizer, settings.lr, settings.min_lr, warmup_steps,
                                          total_steps, settings.weight_decay)
-        self.fp16 = self.model.config.fp16
+        self.fp16 = unwrap(self.model).config.fp16
         self.stats = torch.zeros(len(STATS))
 
     def values(self, batches: list[dict], width: int, micro_batch_size: int) -> None:
@@ -112,7 +116,8 @@ class Critic:
         def record(output, batch):
             batch["values"] = output[:, :-1].float() * batch["loss_mask"]
 
-        self.ddp.eval()
+        for chunk in self.ddp:
+            chunk.eval()
         forward_only(self.ddp, batches, record, width, micro_batch_size)
 
     def _loss(self, output, batch):
