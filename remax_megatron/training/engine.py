@@ -202,6 +202,10 @@ def _interleave(chunks: list, micro_batches: int, pp: int) -> None:
         # forward activation could be matched with a backward gradient)
         chunk.config.overlap_p2p_comm = True
         chunk.config.batch_p2p_comm = False
+        if dist.get_backend(unwrap(chunk).pg_collection.pp) == "gloo":
+            # the schedule frees a sent activation's storage before an overlapped send has
+            # read it; gloo's send reads the CPU memory itself (NCCL keeps it alive)
+            chunk.config.deallocate_pipeline_outputs = False
 
 
 
