@@ -158,6 +158,6 @@ def nothing_built(monkeypatch):
         raise AssertionError("a model or process group was built before the config was checked")
 
     monkeypatch.setattr(trainer_module, "init_runtime", forbidden)
-    monkeypatch.setattr(trainer_module, "build_policy_chunks", forbidden)
+    monkeypatch.setattr(trainer_module, "build_chunks", forbidden)
     monkeypatch.setattr(trainer_module, "load_model", forbidden)
     monkeypatch.setattr(trainer_module.RunDirectory, "prepare", forbidden)

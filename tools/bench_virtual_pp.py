@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from remax_megatron.models.builder import build_policy_chunks  # noqa: E402
+from remax_megatron.models.builder import build_chunks  # noqa: E402
 from remax_megatron.models.config import ModelConfig  # noqa: E402
 from remax_megatron.models.sharding import (  # noqa: E402
     load_full_state_dict, local_shards, seeded_full_weights,
@@ -76,7 +76,7 @@ def main() -> int:
     variants = [1] + [int(v) for v in args.chunks.split(",") if v]
     models, grads = {}, {}
     for vpp in variants:
-        chunks = build_policy_chunks(config, vpp, perform_initialization=False)
+        chunks = build_chunks(config, vpp, perform_initialization=False)
         for chunk in chunks:
             load_full_state_dict(chunk, seeded_full_weights(chunk, 1))
         models[vpp] = wrap_ddp([chunk.to(runtime.device) for chunk in chunks])

@@ -235,7 +235,7 @@ def build_policy(model: ModelConfig, params_dtype: torch.dtype = torch.float32, 
                  virtual_pp: int = 1, vp_stage: int | None = None):
     """A megatron-core GPTModel for this rank's pipeline stage (parallel_state or
     ``pg_collection``), with activation ``recompute`` (see RECOMPUTE) and sequence parallelism;
-    with ``virtual_pp`` > 1, the stage's chunk ``vp_stage`` (see build_policy_chunks)."""
+    with ``virtual_pp`` > 1, the stage's chunk ``vp_stage`` (see build_chunks)."""
     from megatron.core.models.gpt import GPTModel
 
     return _build(GPTModel, model, params_dtype, spec, pg_collection, perform_initialization,
@@ -267,20 +267,15 @@ def _build(cls, model: ModelConfig, params_dtype, spec, pg_collection, perform_i
 
 def build_chunks(model: ModelConfig, virtual_pp: int = 1, reward: bool = False,
                  **options) -> list:
-    """build_policy_chunks, or the same chunks of a reward model (``reward``)."""
+    """This rank's model chunks (a policy, or a reward model / critic with ``reward``) for
+    megatron's interleaved pipeline schedule: with pp stages and ``virtual_pp`` chunks per stage,
+    chunk v of stage r holds the (v * pp + r)-th slice of num_layers / (pp * virtual_pp) layers,
+    so an activation crosses the stages virtual_pp times and the pipeline's bubble shrinks by
+    that factor. One chunk (a list of the stage's model) when virtual_pp is 1."""
     if virtual_pp == 1:
         return [build_model(model, reward=reward, **options)]
     return [build_model(model, reward=reward, virtual_pp=virtual_pp, vp_stage=v, **options)
             for v in range(virtual_pp)]
-
-
-def build_policy_chunks(model: ModelConfig, virtual_pp: int = 1, **options) -> list:
-    """This rank's model chunks for megatron's interleaved pipeline schedule: with pp stages and
-    ``virtual_pp`` chunks per stage, chunk v of stage r holds the (v * pp + r)-th slice of
-    num_layers / (pp * virtual_pp) layers, so an activation crosses the stages virtual_pp times
-    and the pipeline's bubble shrinks by that factor. One chunk (a plain list of the stage's
-    model) when virtual_pp is 1."""
-    return build_chunks(model, virtual_pp, **options)
 
 
 def _pp_rank(pg_collection) -> int:

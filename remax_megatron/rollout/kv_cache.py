@@ -77,13 +77,9 @@ class SharedPrefixKVCache:
             values.select(2, slot).copy_(v[0])
             q = q[0].view(rows, groups, per, d)
         else:
-            batch = rows // self.k
-            keys.narrow(2, slot, self.k).copy_(k[0].view(batch, self.k, groups, d).transpose(1, 2))
-            values.narrow(2, slot, self.k).copy_(
-                v[0].view(batch, self.k, groups, d).transpose(1, 2))
-            # queries of one group: its heads of every continuation, [B, groups, k * per, d]
-            q = q[0].view(batch, self.k, groups, per, d).transpose(1, 2).reshape(
-                batch, groups, self.k * per, d)
+            keys.narrow(2, slot, self.k).copy_(self._per_prompt(k))
+            values.narrow(2, slot, self.k).copy_(self._per_prompt(v))
+            q = self._grouped_queries(q)
         if q.stride(-1) != 1:  # transposed products upstream (forward._columns)
             q = q.contiguous()
         mask = None
@@ -96,6 +92,20 @@ class SharedPrefixKVCache:
         if self.k > 1:
             out = out.unflatten(2, (self.k, per)).transpose(1, 2)  # [B, k, groups, per, d]
         return out.reshape(1, rows, heads * d)
+
+    def _per_prompt(self, x: torch.Tensor) -> torch.Tensor:
+        """A step's keys or values [1, R, groups, d] as [B, groups, k, d] (rows prompt-major)."""
+        _, rows, groups, d = x.shape
+        return x[0].view(rows // self.k, self.k, groups, d).transpose(1, 2)
+
+    def _grouped_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """q [1, R, heads, d] -> [B, groups, k * per, d]: the queries of one key/value group are
+        its heads of every continuation of the prompt."""
+        _, rows, heads, d = q.shape
+        batch, groups = rows // self.k, self.keys[0].size(1)
+        per = heads // groups
+        q = q[0].view(batch, self.k, groups, per, d).transpose(1, 2)
+        return q.reshape(batch, groups, self.k * per, d)
 
     def set_static_step(self, step: torch.Tensor, per: int) -> None:
         """The decode step of the next decode_static calls, from a 0-dim long device tensor
@@ -111,18 +121,12 @@ class SharedPrefixKVCache:
         """``decode`` of the whole batch at the step given to set_static_step, with the same
         shapes at every step (see the module's doc)."""
         _, rows, heads, d = q.shape
-        groups = k.size(2)
-        per = heads // groups
-        batch = rows // self.k
+        per = heads // k.size(2)
         slots, mask = self._static
-        new_k = k[0].view(batch, self.k, groups, d).transpose(1, 2)  # [B, groups, k, d]
-        new_v = v[0].view(batch, self.k, groups, d).transpose(1, 2)
-        self.keys[layer].index_copy_(2, slots, new_k)
-        self.values[layer].index_copy_(2, slots, new_v)
-        q = q[0].view(batch, self.k, groups, per, d).transpose(1, 2).reshape(
-            batch, groups, self.k * per, d)
-        out = F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer],
-                                             attn_mask=mask, scale=self.scale)
+        self.keys[layer].index_copy_(2, slots, self._per_prompt(k))
+        self.values[layer].index_copy_(2, slots, self._per_prompt(v))
+        out = F.scaled_dot_product_attention(self._grouped_queries(q), self.keys[layer],
+                                             self.values[layer], attn_mask=mask, scale=self.scale)
         out = out.unflatten(2, (self.k, per)).transpose(1, 2)  # [B, k, groups, per, d]
         return out.reshape(1, rows, heads * d)
 

@@ -169,9 +169,9 @@ def forward_backward(model, batches: Iterable[dict], loss_fn: Callable, seq_leng
         chunk.config.variable_seq_lengths = variable
         if not forward_only:
             chunk.zero_grad_buffer()
-    data = iter(batches)
-    forward_backward_func = get_forward_backward_func()
-    if len(chunks) > 1:
+    if len(chunks) == 1:
+        data, forward_backward_func = iter(batches), get_forward_backward_func()
+    else:
         pp = unwrap(chunks[0]).pg_collection.pp.size()
         _interleave(chunks, len(batches), pp)
         forward_backward_func = get_forward_backward_func(pp_size=pp, vp_size=len(chunks))

@@ -24,7 +24,7 @@ from ..data.prompts import Prompt, load_prompts
 from ..data.tokenizer import check_fits, eos_token_ids, load_tokenizer
 from ..convert.hf_files import GENERATION_CONFIG
 from ..models.builder import (
-    build_policy_chunks, dtype_from_name, model_chunks, sequence_multiple, sequence_parallel_off,
+    build_chunks, dtype_from_name, model_chunks, sequence_multiple, sequence_parallel_off,
     unwrap,
 )
 from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_checkpoint
@@ -284,7 +284,7 @@ class Trainer:
             chunks = model_chunks(load_model(p.load, virtual_pp=vpp, **scale)[0])
         else:
             # A fresh model starts from the same weights at every layout (seeded_full_weights).
-            chunks = build_policy_chunks(p.model, vpp, perform_initialization=False, **scale)
+            chunks = build_chunks(p.model, vpp, perform_initialization=False, **scale)
             for chunk in chunks:
                 load_full_state_dict(chunk, seeded_full_weights(chunk, self.cfg.train.seed))
         return [self._precision(chunk) for chunk in chunks]
@@ -298,7 +298,7 @@ class Trainer:
         if p.load is not None:
             chunks = model_chunks(load_model(p.load, virtual_pp=vpp)[0])
         else:
-            chunks = build_policy_chunks(p.model, vpp, perform_initialization=False)
+            chunks = build_chunks(p.model, vpp, perform_initialization=False)
             for ref, chunk in zip(chunks, self.model):
                 ref.load_state_dict(unwrap(chunk).state_dict())
         for param in (param for ref in chunks for param in ref.parameters()):

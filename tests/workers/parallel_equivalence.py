@@ -13,7 +13,6 @@ after one megatron optimizer step (with clipping active).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ from remax_megatron.runtime.distributed import init_runtime, shutdown
 from remax_megatron.training.engine import (
     OptimizerSettings, build_optimizer, forward_backward, wrap_ddp,
 )
+from worker_io import reference_parser
 
 BATCH, SEQ, MBS = 4, 12, 1
 LR, CLIP = 1e-3, 0.05
@@ -217,12 +217,7 @@ def compare(ref: dict, got: dict) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--reference")
-    parser.add_argument("--check")
-    parser.add_argument("--report")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
+    parser = reference_parser()
     parser.add_argument("--dist-opt", action="store_true")
     parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args()

@@ -18,7 +18,6 @@ parallelism is also run together with selective and full activation recompute.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ from remax_megatron.ops.logprobs import vocab_parallel_log_probs
 from remax_megatron.rollout.engine import generate
 from remax_megatron.runtime.distributed import init_runtime, shutdown
 from remax_megatron.training.engine import OptimizerSettings, build_optimizer, update, wrap_ddp
+from worker_io import reference_parser
 
 WIDTH, ROWS, MBS, SEED = 10, 4, 2, 5  # WIDTH: a multiple of tp under sequence parallelism
 CASES = {
@@ -152,12 +152,7 @@ def compare(ref: dict, got: dict) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--reference")
-    parser.add_argument("--check")
-    parser.add_argument("--report")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
+    parser = reference_parser()
     parser.add_argument("--settings", default=",".join(SETTINGS))
     args = parser.parse_args()
 

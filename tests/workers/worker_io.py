@@ -19,6 +19,18 @@ def layout_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reference_parser() -> argparse.ArgumentParser:
+    """For workers with two modes: --reference PATH (one process writes the plain-torch
+    reference) or --check PATH --report OUT (every rank runs the layout: --tp, --pp)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reference")
+    parser.add_argument("--check")
+    parser.add_argument("--report")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    return parser
+
+
 def write_report(path: str, report: dict) -> None:
     if dist.get_rank() == 0:
         Path(path).write_text(json.dumps(report, indent=1))
