@@ -70,6 +70,23 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 420,
     return proc
 
 
+def greedy_until_near_tie(model, ids: list[int], new: int, tie: float,
+                          pad_token_id: int = 0) -> list[int]:
+    """transformers' greedy continuation of ``ids``, cut before the first step whose top-2 logit
+    gap is below ``tie`` (a near-tie, where two bf16 implementations may rightly differ)."""
+    import torch
+
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new,
+                         output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=pad_token_id)
+    tokens = out.sequences[0, len(ids):].tolist()
+    for step, logits in enumerate(out.logits):
+        top2 = logits[0].float().topk(2).values
+        if top2[0] - top2[1] < tie:
+            return tokens[:step]
+    return tokens
+
+
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_python, run_torchrun
+from conftest import greedy_until_near_tie, run_python, run_torchrun
 from remax_megatron import cli, tiny
 from remax_megatron.convert.commands import hf_to_mcore
 from remax_megatron.rollout import generate_command
@@ -130,19 +130,6 @@ def test_sampling_flags_and_seed(setup, tmp_path):
 BF16_TIE = 0.05  # HF's top-2 logit gap below which bf16 rounding may pick either token
 
 
-def greedy_until_near_tie(model, ids: list[int], new: int) -> list[int]:
-    """transformers' greedy continuation of ``ids``, cut before the first step whose top-2 logit
-    gap is a near-tie (where two bf16 implementations may rightly differ)."""
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    tokens = out.sequences[0, len(ids):].tolist()
-    for step, logits in enumerate(out.logits):
-        top2 = logits[0].float().topk(2).values
-        if top2[0] - top2[1] < BF16_TIE:
-            return tokens[:step]
-    return tokens
-
-
 @pytest.mark.skipif(not precision.bf16_supported(), reason="no native bf16 on this machine")
 def test_bf16_greedy_equals_transformers_bf16(setup, tmp_path):
     """--dtype bf16 on the fp32 checkpoint: the same tokens as transformers' bf16 model up to
@@ -158,7 +145,7 @@ def test_bf16_greedy_equals_transformers_bf16(setup, tmp_path):
     assert "(tp=1 pp=1, bf16)" in proc.stderr  # the fp32 checkpoint's weights, cast
     compared = 0
     for row, ours in zip(rows, read_output(tmp_path / "o.jsonl")):
-        want = greedy_until_near_tie(hf, tokenizer(row["prompt"]).input_ids, new)
+        want = greedy_until_near_tie(hf, tokenizer(row["prompt"]).input_ids, new, BF16_TIE)
         assert ours["response_ids"][:len(want)] == want, row
         compared += len(want)
     assert compared >= 2 * len(rows), f"only {compared} tokens before near-ties: raise the seed's margin"

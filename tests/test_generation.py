@@ -184,3 +184,30 @@ def test_static_decode_steps_equal_the_eager_ones(arch, megatron_runtime, tmp_pa
     want = hf.generate(plain, attention_mask=torch.ones_like(plain), do_sample=False,
                        max_new_tokens=10, pad_token_id=0, eos_token_id=None)
     assert torch.equal(out.tokens, want[:, 5:])
+
+
+@pytest.mark.parametrize("tempered", [True, False])
+def test_recorded_log_probs_follow_the_sampling_temperature(tempered, megatron_runtime, tmp_path):
+    """With tempered_log_probs a sampled row records log softmax(logits / T) of its tokens (the
+    distribution it was drawn from, what the trainer trains), without it log softmax(logits);
+    the greedy row always the latter. transformers' logits on the generated tokens are the
+    reference."""
+    from remax_megatron.models.checkpoint import load_model
+    from remax_megatron.rollout.engine import generate
+    from remax_megatron.rollout.sampling import GREEDY, SamplingParams
+
+    tokenizer = tiny.build_tokenizer(300)
+    hf = tiny.build_hf_model("LlamaForCausalLM", len(tokenizer), seed=6)
+    model, _ = load_model(hf_to_mcore(tiny.save_hf(hf, tokenizer, tmp_path / "hf"),
+                                      tmp_path / "ckpt"))
+    prompt, new, temperature = 5, 8, 0.6
+    ids = torch.randint(3, len(tokenizer), (3, prompt), generator=torch.Generator().manual_seed(2))
+    out = generate(model, ids, torch.ones_like(ids), max_new_tokens=new, seed=4,
+                   continuations=[GREEDY, SamplingParams(temperature=temperature, top_p=1.0)],
+                   tempered_log_probs=tempered)
+    full = torch.cat([ids.repeat_interleave(2, dim=0), out.tokens], dim=1)
+    with torch.no_grad():
+        logits = hf(full).logits[:, prompt - 1:-1].float()
+    scale = torch.tensor([1.0, temperature if tempered else 1.0]).repeat(3)[:, None, None]
+    want = torch.log_softmax(logits / scale, -1).gather(-1, out.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.log_probs, want, rtol=0, atol=1e-5)

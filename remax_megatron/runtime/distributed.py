@@ -107,6 +107,7 @@ def init_runtime(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = "aut
 
     ``model`` (a ModelConfig), when given, is checked against the layout before any group is made.
     """
+    cpu_compat.import_megatron()
     from megatron.core import parallel_state
 
     env = read_launch_env()

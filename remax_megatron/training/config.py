@@ -71,6 +71,11 @@ class RolloutConfig:
     # on a GPU (pp 1, tp 1): each decode step replays one CUDA graph captured at the rollout's
     # first step instead of launching its few hundred kernels (same tokens up to float rounding)
     cuda_graph: bool = True
+    # the log-probs the loss trains (and the reference's, and those the rollout records) are of
+    # softmax(logits / temperature), the distribution the samples were drawn from (verl and TRL
+    # do the same); false: of softmax(logits) whatever the temperature, so that at T != 1 the
+    # samples come from another distribution than the one trained (see the README)
+    tempered_log_probs: bool = True
 
 
 @dataclass

@@ -375,9 +375,12 @@ class Trainer:
                             sample_ids=torch.tensor([uid for uid, _ in mine]),
                             pad_token_id=self.pad,
                             pipeline_micro_batches=r.pipeline_micro_batches,
-                            cuda_graph=r.cuda_graph)
+                            cuda_graph=r.cuda_graph, tempered_log_probs=r.tempered_log_probs)
 
     def _log_probs(self, output, batch, with_entropy: bool = False):
+        r = self.cfg.rollout
+        if r.tempered_log_probs and r.temperature != 1.0:
+            output = output / r.temperature  # the distribution the rollout sampled from
         return frame_log_probs(output, batch, self.policy.config.vocab_size, with_entropy)
 
     def _reference_log_probs(self, batches, width) -> None:
@@ -498,7 +501,8 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        per_call = max(1, self.cfg.train.global_batch_size // dp)  # prompts, as in a rollout
+        # as many rows per call as a training rollout generates (prompts x continuations)
+        per_call = max(1, self.cfg.train.global_batch_size // dp * self.shape.k)
         mine = share_of(list(enumerate(self.eval_prompts)), dp_rank, dp)
         # every rank makes the same number of reward calls (a reward model scores collectively)
         calls = -(-len(self.eval_prompts) // (dp * per_call))

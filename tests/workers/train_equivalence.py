@@ -72,12 +72,13 @@ def main() -> int:
     ref = torch.load(args.ref, weights_only=False)
     alg = dict(ref["algorithm"])
     n = alg.pop("n_samples")
+    temperature = alg.pop("temperature", 1.0)
     prompts = [Prompt(i, "", ids) for i, ids in enumerate(ref["prompts"])]
     cfg = load_config(None, [
         f"policy.load={ref['checkpoint']}", "policy.model=null", "policy.builtin_tokenizer=false",
         f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
         f"train.global_batch_size={len(prompts)}", "train.micro_batch_size=2",
-        f"rollout.n_samples={n}", f"output_dir={Path(args.report).parent / 'run'}",
+        f"rollout.n_samples={n}", f"rollout.temperature={temperature}", f"output_dir={Path(args.report).parent / 'run'}",
         "log.tensorboard=false", f"train.dtype={args.dtype}", *[f"algorithm.{k}={v}" for k, v in alg.items()],
     ], base=demo.config())
     trainer = Trainer(cfg)
@@ -104,10 +105,15 @@ def main() -> int:
     speaker = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage()
     stats = trainer._update_stats if speaker else torch.zeros_like(trainer._update_stats)
     dist.all_reduce(stats)
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, {
-        "tp": ps.get_tensor_model_parallel_rank(), "pp": ps.get_pipeline_model_parallel_rank(),
-        "dp": dp_rank, "grads": local_shards(trainer.ddp, grads)})
+    # each rank's gradients through a file (a 135M model's pickled through all_gather_object
+    # take tens of seconds)
+    exchange = Path(args.report).parent
+    torch.save({"tp": ps.get_tensor_model_parallel_rank(),
+                "pp": ps.get_pipeline_model_parallel_rank(), "dp": dp_rank,
+                "grads": local_shards(trainer.ddp, grads)}, exchange / f"grads_{dist.get_rank()}.pt")
+    dist.barrier()
+    per_rank = [torch.load(exchange / f"grads_{r}.pt", weights_only=False)
+                for r in range(dist.get_world_size())] if dist.get_rank() == 0 else []
     if dist.get_rank() == 0:
         stages: dict = {}
         for r in sorted((r for r in per_rank if r["dp"] == 0), key=lambda r: (r["pp"], r["tp"])):
@@ -124,6 +130,9 @@ def main() -> int:
             if got.shape != want.shape:
                 print("SHAPE", name, tuple(got.shape), tuple(want.shape), flush=True)
             report[f"grad/{name}"] = (got - want).abs().max().item() / scale
+        norm = lambda grads: sum(g.double().pow(2).sum() for g in grads).sqrt().item()
+        want_norm = norm(ref["expected_grads"].values())
+        report["grad_norm"] = abs(norm(full.values()) - want_norm) / want_norm
         missing = set(ref["expected_grads"]) ^ set(full)
         report["names_match"] = 0.0 if not missing else float("inf")
         Path(args.report).write_text(json.dumps(report, indent=1))
