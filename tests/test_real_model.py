@@ -188,7 +188,11 @@ def test_quick_benchmark_on_the_real_model(smollm2, tmp_path):
     for label, run in results["runs"].items():
         assert [e["step"] for e in run["evals"]] == [0, 1], label
         assert run["times"]["time/step"] > 0 and run["peak_rss_gib"] > 0
-    assert set(results["runs"]["ppo"]["states"]) == {"policy", "critic"}
+    # the models each holds: PPO a critic and (KL 0.1 in its reward) a reference; GRPO the
+    # reference of its KL loss; ReMax without a KL term nothing but the policy
+    held = {label: set(run["states"]) for label, run in results["runs"].items()}
+    assert held["ppo"] == {"policy", "critic", "reference"}
+    assert held["grpo_n4"] == {"policy", "reference"} and held["remax"] == {"policy"}
     assert set(results["variance"]) == {"remax", "reinforce"}
     assert (tmp_path / "algorithms.png").stat().st_size > 10000
     assert "ReMax / REINFORCE" in proc.stdout
