@@ -62,3 +62,17 @@ def test_data_is_seeded_and_eval_is_held_out(tmp_path):
     assert not questions["train.jsonl"] & questions["eval.jsonl"]
     for row in rows["eval.jsonl"]:
         assert task.expected_answer(CHAT.format(row["messages"][-1]["content"])) is not None
+
+
+@pytest.mark.parametrize("name,algorithm", [("remax", "remax"), ("grpo", "grpo")])
+def test_example_configs_load_and_keep_the_measured_budget(name, algorithm):
+    """The README's figures come from these files: both load (no unknown key), name their
+    algorithm and sample 32 responses per step with the task's rule and files."""
+    from remax_megatron.training.config import load_config
+
+    cfg = load_config(str(ROOT / "examples" / "smollm2" / f"{name}.yaml"), [])
+    assert cfg.algorithm.name == algorithm
+    assert cfg.train.global_batch_size * cfg.rollout.n_samples == 32
+    assert cfg.reward.rule == "examples/smollm2/task.py:exact_answer"
+    assert cfg.rollout.tempered_log_probs and cfg.rollout.top_p == 1.0
+    assert cfg.data.path.startswith("examples/smollm2/data/")

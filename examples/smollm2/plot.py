@@ -36,19 +36,24 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("curves.png"))
     p.add_argument("--title", default="SmolLM2-135M-Instruct, held-out greedy accuracy")
+    p.add_argument("--steps-only", action="store_true",
+                   help="no wall-clock panel (for runs that shared the machine)")
     a = p.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 1 if a.steps_only else 2, figsize=(6 if a.steps_only else 11, 4),
+                             sharey=True, squeeze=False)
+    by_step, by_time = axes[0][0], (None if a.steps_only else axes[0][1])
     for run in a.runs:
         steps, minutes, accuracy = curve(run)
         by_step.plot(steps, accuracy, marker="o", label=run.name)
-        by_time.plot(minutes, accuracy, marker="o", label=run.name)
+        if by_time is not None:
+            by_time.plot(minutes, accuracy, marker="o", label=run.name)
+            by_time.set_xlabel("training minutes (evaluations excluded)")
     by_step.set_xlabel("step")
-    by_time.set_xlabel("training minutes (evaluations excluded)")
     by_step.set_ylabel("accuracy")
     by_step.legend(fontsize=8)
     fig.suptitle(a.title)
