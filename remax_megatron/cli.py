@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -158,8 +159,9 @@ def _run_train(args) -> int:
     if args.print_config:
         import yaml
 
-        from .training.config import snapshot
+        from .training.config import check_config, snapshot
 
+        check_config(cfg, _world_size_to_check(cfg))  # print only what train would accept
         print(yaml.safe_dump(snapshot(cfg), sort_keys=False), end="", flush=True)
         return 0
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -168,6 +170,17 @@ def _run_train(args) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _world_size_to_check(cfg) -> int:
+    """torchrun's world size; outside it, the least one that both the policy's and the reward
+    model's layouts fit (--print-config is often run without a launcher)."""
+    from .runtime.distributed import read_launch_env
+
+    launch = read_launch_env()
+    if launch.under_torchrun:
+        return launch.world_size
+    return max(1, math.lcm(cfg.parallel.tp * cfg.parallel.pp, cfg.reward.tp * cfg.reward.pp))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,21 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _mapping_without_duplicates(loader, node, deep=False):
+    """PyYAML keeps the last of two equal keys; a config author who wrote both meant one of them."""
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} at lines {seen[key] + 1} and "
+                              f"{key_node.start_mark.line + 1}: keep one of them")
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
@@ -78,6 +93,13 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     for name, value in data.items():
         tp = _unwrap_optional(types_[name])
         key = f"{where}.{name}" if where else name
+        if value is None and tp is types_[name] and tp is not Any:  # null where it may not be
+            if dataclasses.is_dataclass(tp):
+                value = {}  # an empty section (every key commented out): its defaults
+            else:
+                default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+                hint = "" if default is dataclasses.MISSING else f" (its default is {default!r})"
+                raise ConfigError(f"{key} is null: give it a value{hint}, or remove the key")
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             kwargs[name] = from_dict(tp, value, key)
         else:
@@ -129,6 +151,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path} is not valid YAML{at}: fix the syntax there") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

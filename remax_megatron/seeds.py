@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes no more (and megatron adds offsets to it)
+
 
 def mix_seed(*parts: int | str) -> int:
     """A 63-bit seed from integers and names (a hash: distinct tuples do not collide in practice)."""

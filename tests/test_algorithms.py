@@ -262,12 +262,19 @@ def test_explicit_values_win_and_null_turns_a_clip_off():
                            "its options are clip_advantage, gamma, kl_coef, loss_reduction"),
     (dict(name="grpo", kl_coef=0.1), "algorithm.kl_coef=0.1 is not an option of algorithm.name=grpo"),
     (dict(loss_reduction="mean"), "algorithm.loss_reduction='mean' must be one of sequence_sum"),
-    (dict(kl_coef=-1.0), "algorithm.kl_coef=-1.0 must be >= 0"),
+    (dict(kl_coef=-1.0), "algorithm.kl_coef=-1.0 must be in [0, 100]"),
+    # finite and sane: each of these trained nothing but NaN weights, exit 0 (issue 18)
+    (dict(kl_coef=float("inf")), "algorithm.kl_coef=inf must be in [0, 100]"),
+    (dict(kl_coef=1e30), "algorithm.kl_coef=1e+30 must be in [0, 100]"),
+    (dict(name="grpo", kl_loss_coef=float("nan")), "algorithm.kl_loss_coef=nan must be in [0, 100]"),
+    (dict(clip_advantage=float("inf")), "algorithm.clip_advantage=inf must be a finite number > 0, "
+                                        "or null (no clip)"),
+    (dict(name="grpo", std_eps=float("inf")), "algorithm.std_eps=inf must be a finite number > 0"),
     (dict(gamma=0.0), "algorithm.gamma=0.0 must be in (0, 1]"),
-    (dict(clip_advantage=0.0), "algorithm.clip_advantage=0.0 must be > 0 or null"),
+    (dict(clip_advantage=0.0), "algorithm.clip_advantage=0.0 must be a finite number > 0, or null"),
     (dict(name="ppo", lam=1.5), "algorithm.lam=1.5 must be in [0, 1]"),
     (dict(name="ppo", ppo_epochs=0), "algorithm.ppo_epochs=0 must be at least 1"),
-    (dict(name="grpo", clip_ratio=-0.1), "algorithm.clip_ratio=-0.1 must be > 0"),
+    (dict(name="grpo", clip_ratio=-0.1), "algorithm.clip_ratio=-0.1 must be a finite number > 0"),
     (dict(kl_coef=None), "algorithm.kl_coef=null: algorithm.name=remax needs a value (its "
                          "default is 0.0)"),
 ])

@@ -59,6 +59,16 @@ def test_bad_yaml_is_one_line(tmp_path):
     assert "is not valid YAML at line" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_duplicate_yaml_keys_are_an_error_naming_both_lines(tmp_path):
+    # PyYAML alone keeps the last value silently: lr would be 2e-6 here
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  lr: 1.0e-6\n  steps: 3\n  lr: 2.0e-6\nlog: {eval_every: 1}\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: duplicate key 'lr' at lines 2 and 4"):
+        load_yaml(path)
+    path.write_text("train:\n  lr: 1.0e-6\nlog:\n  lr: 2.0e-6\n")  # the same name in two sections
+    assert load_yaml(path) == {"train": {"lr": 1e-6}, "log": {"lr": 2e-6}}
+
+
 def test_padded_vocab():
     cfg = ModelConfig.gpt2(num_layers=1, hidden_size=8, num_attention_heads=2, vocab_size=50257,
                            max_position_embeddings=8)
@@ -154,3 +164,18 @@ def test_yaml_reads_exponent_floats_and_checks_types(tmp_path):
     assert from_dict(ModelConfig, load_yaml(path)).norm_epsilon == 1e-5
     with pytest.raises(ConfigError, match="num_layers must be int, got 'four'"):
         from_dict(ModelConfig, {**data, "num_layers": "four"})
+
+
+def test_null_where_a_value_is_needed(tmp_path):
+    from remax_megatron.training import demo
+    from remax_megatron.training.config import load_config
+
+    # a TypeError deep in the trainer before (issue 18)
+    with pytest.raises(ConfigError, match=r"^output_dir is null: give it a value \(its default "
+                                          r"is 'runs/remax'\), or remove the key$"):
+        load_config(None, ["output_dir=null"], base=demo.config())
+    path = tmp_path / "run.yaml"
+    path.write_text("log:\n  # eval_every: 5\ntrain:\n  lr: 1.0e-5\n")  # an empty section
+    cfg, demo_cfg = load_config(str(path), [], base=demo.config()), load_config(None, [], demo.config())
+    assert cfg.log == demo_cfg.log and cfg.train.lr == 1e-5
+    assert load_config(None, ["policy.tokenizer=null"], base=demo.config()).policy.tokenizer is None

@@ -66,6 +66,36 @@ def test_truncated_weight_file(llama_dir, tmp_path):
     expect_error(llama_dir, tmp_path / "out", "is truncated")
 
 
+@pytest.mark.parametrize("damage", ["huge_length", "header_not_a_mapping", "unknown_dtype"])
+def test_corrupt_safetensors_header(llama_dir, tmp_path, damage):
+    """An OverflowError / KeyError / AttributeError before (issue 18)."""
+    import struct
+
+    path = llama_dir / "model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    if damage == "huge_length":
+        data = struct.pack("<Q", 2 ** 63 + 5) + data[8:]
+    else:
+        name = next(k for k in header if k != "__metadata__")
+        header = [1, 2] if damage == "header_not_a_mapping" else {
+            **header, name: {**header[name], "dtype": "Q7"}}
+        text = json.dumps(header).encode()
+        data = struct.pack("<Q", len(text)) + text + data[8 + length:]
+    path.write_bytes(data)
+    expect_error(llama_dir, tmp_path / "out", "model.safetensors is not a readable safetensors "
+                 "file (truncated or corrupt?): download it again")
+
+
+def test_out_where_no_directory_can_be_made(llama_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")  # an OSError (NotADirectoryError) before (issue 18)
+    with pytest.raises(ConfigError, match=r"cannot make the temporary directory .*afile/\.out\.tmp-"
+                                          r"\d+ next to --out \(Not a directory\): choose an --out "
+                                          "in a writable directory"):
+        hf_to_mcore(llama_dir, tmp_path / "afile" / "out")
+
+
 def test_no_weights_at_all(llama_dir, tmp_path):
     (llama_dir / "model.safetensors").unlink()
     expect_error(llama_dir, tmp_path / "out", "has no weights (model.safetensors, its index, or "

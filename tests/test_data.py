@@ -35,6 +35,19 @@ def test_jsonl_and_parquet_give_the_same_prompts(tokenizer, tmp_path):
     assert a[1].text == "<|user|>how are you ?\n<|assistant|>"
 
 
+def test_damaged_files_are_one_line_naming_them(tokenizer, tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "hello"}\n{"prompt": "caf\xe9"}\n')
+    parquet = tmp_path / "bad.parquet"
+    parquet.write_bytes(b"PAR1 this is not a parquet file")
+    for path, needle in ((latin1, f"{latin1} line 2 is not UTF-8 (byte 0xe9 at column 16): "
+                                  "save the file as UTF-8"),
+                         (parquet, f"{parquet} is not a readable parquet file (")):
+        with pytest.raises(ConfigError) as err:
+            load_prompts(path, tokenizer)
+        assert str(err.value).startswith(needle) and "\n" not in str(err.value), str(err.value)
+
+
 def make(n, length=3):
     return [Prompt(i, f"p{i}", list(range(length + i % 2))) for i in range(n)]
 

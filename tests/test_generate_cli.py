@@ -216,7 +216,7 @@ BAD_INPUT = {
                           "(LlamaForSequenceClassification): generate needs a causal LM"),
     "tp_zero": ({"--tp": "0"}, "tp must be a positive integer"),
     "tp_beyond_world_size": ({"--tp": "2"}, "world size 1 is not divisible by tp*pp"),
-    "temperature_zero": ({"--temperature": "0"}, "temperature=0.0 must be > 0"),
+    "temperature_zero": ({"--temperature": "0"}, "temperature=0.0 must be in (0, 100]"),
     "temperature_infinite": ({"--temperature": "inf"}, "must be a finite number > 0"),
     "temperature_nan": ({"--temperature": "nan"}, "must be a finite number > 0"),
     "top_p_above_one": ({"--top-p": "1.5"}, "top_p=1.5 must be in (0, 1]"),
@@ -227,6 +227,8 @@ BAD_INPUT = {
     "max_new_tokens_zero": ({"--max-new-tokens": "0"}, "must be at least 1"),
     "batch_size_zero": ({"--batch-size": "0"}, "must be at least 1"),
     "pipeline_micro_batches_negative": ({"--pipeline-micro-batches": "-1"}, "must be >= 0"),
+    "seed_beyond_torch": ({"--seed": str(2 ** 64)}, f"--seed {2 ** 64} must be in [0, 2**63 - 1]"),
+    "seed_negative": ({"--seed": "-1"}, "--seed -1 must be in [0, 2**63 - 1]"),
     **({} if torch.cuda.is_available() else {
         "fp16_on_cpu": ({"--dtype": "fp16"}, "--dtype=fp16 needs a GPU")}),
 }

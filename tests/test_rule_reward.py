@@ -66,6 +66,8 @@ LOAD_CASES = {
                      "raised SyntaxError"),
     "raises_at_import": ("x = 1\nraise RuntimeError('no GPU\\nhere')\n", "{d}/rules.py:f",
                          "raised RuntimeError: no GPU here (at rules.py:2)"),
+    "exits_at_import": ("import sys\nsys.exit(3)\n", "{d}/rules.py:f",
+                        "raised SystemExit: 3 (at rules.py:2)"),
     "missing_dependency": ("import no_such_dependency_xyz\n", "{d}/rules.py:f",
                            "raised ModuleNotFoundError: No module named 'no_such_dependency_xyz' "
                            "(at rules.py:1)"),
@@ -127,6 +129,11 @@ RETURN_CASES = {
     "raises": ("raise ValueError('no digits in\\n' + repr(responses[0]))",
                "raised ValueError: no digits in '"),
     "raises_in_a_helper": ("return [helper(r) for r in responses]", "raised KeyError"),
+    # ended the run after step 2 of 4 with exit code 0 and no message (issue 18)
+    "exits": ("import sys; sys.exit(0)", "it must not exit"),
+    "exits_quietly": ("raise SystemExit", "raised SystemExit (at rules.py:"),
+    # one reward per response of a list it lengthened: passed the probe, then crashed in training
+    "appends": ("responses.append('x'); return [0.0] * len(responses)", " rewards "),
 }
 
 RULES_HEADER = """\

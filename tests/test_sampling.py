@@ -87,7 +87,10 @@ def test_ids_without_probability_are_never_produced():
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(temperature=0.0), "temperature=0.0 must be > 0"),
+    (dict(temperature=0.0), "temperature=0.0 must be in (0, 100] (for 0 use greedy)"),
+    (dict(temperature=float("inf")), "temperature=inf must be in (0, 100]"),
+    (dict(temperature=1e30), "temperature=1e+30 must be in (0, 100]"),
+    (dict(temperature=float("nan")), "temperature=nan must be in (0, 100]"),
     (dict(top_p=0.0), "top_p=0.0 must be in (0, 1]"),
     (dict(top_k=-1), "top_k=-1 must be >= 0"),
 ])

@@ -101,14 +101,16 @@ def test_cli_bad_config_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("rollout.temperature=0.0", "rollout: temperature=0.0 must be > 0"),
+    ("rollout.temperature=0.0", "rollout: temperature=0.0 must be in (0, 100]"),
+    ("rollout.temperature=.inf", "rollout: temperature=inf must be in (0, 100]"),
     ("reward.micro_batch_size=0", "reward.micro_batch_size=0 must be at least 1"),
     ("rollout.pipeline_micro_batches=-1", "rollout.pipeline_micro_batches=-1 must be >= 0"),
     ("policy.tokenizer=/nowhere", "policy.tokenizer=/nowhere is not a directory"),
     # every number a run reads, checked for its range (NaN included)
-    ("train.lr=-1e-5", "train.lr=-1e-05 must be a number >= 0"),
-    ("train.lr=.nan", "train.lr=nan must be a number >= 0"),
-    ("train.lr=.inf", "train.lr=inf must be a number >= 0"),
+    ("train.lr=-1e-5", "train.lr=-1e-05 must be a learning rate in [0, 1]"),
+    ("train.lr=.nan", "train.lr=nan must be a learning rate in [0, 1]"),
+    ("train.lr=.inf", "train.lr=inf must be a learning rate in [0, 1]"),
+    ("train.lr=1e30", "train.lr=1e+30 must be a learning rate in [0, 1]"),
     ("train.min_lr=1.0", "train.min_lr=1.0 must be in [0, train.lr=0.01]"),
     ("train.min_lr=-1e-3", "train.min_lr=-0.001 must be in [0, train.lr=0.01]"),
     ("train.warmup_steps=-1", "train.warmup_steps=-1 must be >= 0"),
@@ -119,7 +121,8 @@ def test_cli_bad_config_is_one_line(tmp_path):
     ("train.clip_grad=-1", "train.clip_grad=-1.0 must be >= 0 (0: no clipping)"),
     ("train.epochs=0", "train.epochs=0.0 must be a positive number"),
     ("train.global_batch_size=0", "train.global_batch_size=0 must be >= 1"),
-    ("train.seed=-3", "train.seed=-3 must be >= 0"),
+    ("train.seed=-3", "train.seed=-3 must be in [0, 2**63 - 1]"),
+    ("train.seed=99999999999999999999", "train.seed=99999999999999999999 must be in [0, 2**63"),
     ("train.steps=0", "train.steps=0 must be at least 1"),
     ("train.dtype=fp16", "train.dtype=fp16 needs a GPU (CPUs have no fp16 matmul kernels)"),
     ("train.dtype=fp8", "train.dtype='fp8': use auto, fp32, bf16 or fp16"),
@@ -137,6 +140,8 @@ def test_cli_bad_config_is_one_line(tmp_path):
     ("reward.tp=0", "reward.tp=0 must be >= 1"),
     ("parallel.backend=mpi", "parallel.backend='mpi': use auto, nccl or gloo"),
     ("parallel.tp=3", "world size 1 is not divisible by tp*pp=3*1=3"),
+    ("reward.pp=2", "world size 1 is not divisible by reward.tp*reward.pp=1*2=2: launch a "
+                    "multiple of 2 ranks or choose reward.tp*reward.pp among 1"),
     ("reward.rule=nomodule_xyz:f", "reward.rule: cannot import nomodule_xyz"),
 ])
 def test_more_bad_values(nothing_built, override, needle):
@@ -159,10 +164,11 @@ def test_bf16_on_a_cpu_without_bf16_kernels(nothing_built, monkeypatch):
     (["algorithm.name=grpo", "rollout.n_samples=1"], "algorithm.name=grpo needs rollout.n_samples"),
     (["critic.lr=1e-5"], "critic.* is set but algorithm.name=remax trains no critic"),
     (["algorithm.name=ppo", "critic.load=/nowhere"], "critic.load=/nowhere does not exist"),
-    (["algorithm.name=ppo", "critic.lr=-1.0"], "critic.lr=-1.0 must be >= 0"),
+    (["algorithm.name=ppo", "critic.lr=-1.0"], "critic.lr=-1.0 must be a learning rate in [0, 1]"),
+    (["algorithm.name=ppo", "critic.lr=1e30"], "critic.lr=1e+30 must be a learning rate in [0, 1]"),
     (["algorithm.name=ppo", "critic.lr=1e-4", "critic.min_lr=1e-3"],
      "the critic's min_lr 0.001 exceeds its lr 0.0001"),
-    (["algorithm.name=ppo", "critic.min_lr=.nan"], "critic.min_lr=nan must be >= 0"),
+    (["algorithm.name=ppo", "critic.min_lr=.nan"], "critic.min_lr=nan must be a learning rate"),
     (["rollout.n_samples=3", "train.global_batch_size=8", "train.micro_batch_size=16"],
      "each dp rank trains 8 / dp 1 x rollout.n_samples 3 = 24 sequences, not divisible by "
      "train.micro_batch_size 16 x algorithm.mini_batches 1"),

@@ -99,6 +99,21 @@ def test_print_config_prints_every_default_and_exits(tmp_path, capsys):
     assert not out.exists()  # nothing started
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("train.lr=1e30", "train.lr=1e+30 must be a learning rate in [0, 1]"),
+    ("rollout.n_samples=0", "rollout.n_samples=0 must be at least 1"),
+])
+def test_print_config_refuses_what_train_refuses(tmp_path, capsys, override, needle):
+    assert main(["train", "--print-config", f"output_dir={tmp_path}", override]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and needle in captured.err
+
+
+def test_print_config_of_a_tp2_run_outside_torchrun(tmp_path, capsys):
+    assert main(["train", "--print-config", f"output_dir={tmp_path}", "parallel.tp=2"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["parallel"]["tp"] == 2
+
+
 def test_version(capsys):
     from importlib.metadata import version
 

@@ -15,6 +15,7 @@ The training loop (training/trainer.py) is the same for all of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,6 +25,7 @@ from .common import REDUCTIONS
 
 ALGORITHMS = {"remax": remax, "ppo": ppo, "reinforce": reinforce, "rloo": rloo, "grpo": grpo}
 NULLABLE = ("clip_advantage", "clip_reward")  # null: no clipping
+MAX_COEF = 100.0  # a KL coefficient beyond this is a typo: rewards here are O(1)
 
 
 class _Default:
@@ -92,14 +94,15 @@ class AlgorithmConfig:
                 raise ConfigError(f"algorithm.{name}={value!r} must be {rule}")
 
         check("loss_reduction", lambda v: v in REDUCTIONS, f"one of {', '.join(REDUCTIONS)}")
-        check("kl_coef", lambda v: v >= 0, ">= 0")
-        check("kl_loss_coef", lambda v: v >= 0, ">= 0")
+        # finite and sane: an infinite or huge coefficient trains nothing but NaN
+        for name in ("kl_coef", "kl_loss_coef"):
+            check(name, lambda v: 0 <= v <= MAX_COEF, f"in [0, {MAX_COEF:g}]")
         check("gamma", lambda v: 0 < v <= 1, "in (0, 1]")
         check("lam", lambda v: 0 <= v <= 1, "in [0, 1]")
         for name in ("clip_advantage", "clip_reward"):
-            check(name, lambda v: v > 0, "> 0 or null")
+            check(name, lambda v: 0 < v < math.inf, "a finite number > 0, or null (no clip)")
         for name in ("clip_ratio", "clip_value", "std_eps"):
-            check(name, lambda v: v > 0, "> 0")
+            check(name, lambda v: 0 < v < math.inf, "a finite number > 0")
         for name in ("ppo_epochs", "mini_batches"):
             check(name, lambda v: v >= 1, "at least 1")
 

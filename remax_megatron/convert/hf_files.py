@@ -45,24 +45,32 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    corrupt = ConfigError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                          "download it again")
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:  # a damaged length: never try to read (or allocate) it
+                raise corrupt
             header = json.loads(f.read(length))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
-                          "download it again") from None
+        raise corrupt from None
     data_start = 8 + length
-    size = path.stat().st_size
     out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = (data_start + o for o in meta["data_offsets"])
-        if end > size:
-            raise ConfigError(f"{path} is truncated ({size} bytes, {name} ends at {end}): "
-                              "download it again")
-        out[name] = TensorInfo(path, DTYPES[meta["dtype"]], tuple(meta["shape"]), begin, end)
+    try:
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (data_start + int(o) for o in meta["data_offsets"])
+            if end > size:
+                raise ConfigError(f"{path} is truncated ({size} bytes, {name} ends at {end}): "
+                                  "download it again")
+            out[name] = TensorInfo(path, DTYPES[meta["dtype"]], tuple(meta["shape"]), begin, end)
+    except ConfigError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError):  # a header of the wrong shape
+        raise corrupt from None
     return out
 
 
@@ -263,9 +271,14 @@ def directory_is_empty(path: Path) -> bool:
 def tmp_sibling(path: Path) -> Path:
     """A fresh temporary directory next to ``path`` (same filesystem, so the final rename is atomic)."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as err:  # a read-only or missing parent, no space, a file where a folder goes
+        raise ConfigError(f"cannot make the temporary directory {tmp} next to --out "
+                          f"({err.strerror or err}): choose an --out in a writable "
+                          "directory") from None
     return tmp
 
 

@@ -30,10 +30,20 @@ def read_rows(path) -> list[dict]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ConfigError("reading parquet needs pyarrow: pip install pyarrow") from None
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow's ArrowInvalid / OSError for a damaged file
+            raise ConfigError(f"{path} is not a readable parquet file ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}): rewrite it, "
+                              "or give JSONL") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path} line {number} is not UTF-8 (byte {raw[err.start]:#04x} "
+                                  f"at column {err.start + 1}): save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -77,7 +77,7 @@ def _import_module(spec: str, target: str, name: str):
                               ) from None
         raise ConfigError(f"reward.rule: cannot import {target} for {spec}: it raised "
                           f"{_exception(err)}") from None
-    except Exception as err:  # anything its own code raises while importing
+    except (Exception, SystemExit) as err:  # anything its own code raises while importing
         raise ConfigError(f"reward.rule: cannot import {target} for {spec}: it raised "
                           f"{_exception(err)}") from None
 
@@ -97,7 +97,7 @@ def _import_file(spec: str, target: str):
     sys.modules[module_name] = module  # before exec: dataclasses and pickling look it up there
     try:
         loader_spec.loader.exec_module(module)
-    except Exception as err:  # SyntaxError included
+    except (Exception, SystemExit) as err:  # SyntaxError included; sys.exit() at import too
         del sys.modules[module_name]
         raise ConfigError(f"reward.rule: cannot import {path} for {spec}: it raised "
                           f"{_exception(err, str(path))}") from None
@@ -197,14 +197,18 @@ class RuleReward(Reward):
     def _call(self, prompts: list[str], responses: list[str], when: str) -> torch.Tensor:
         # Any exception, not only ConfigError: the trainer agrees on ConfigErrors across ranks,
         # so every rank ends with this one line instead of the others waiting on a collective.
+        n = len(responses)
         try:
-            values = self.function(prompts, responses)
-        except Exception as err:
+            # copies: a rule that changes its lists must not change what its rewards are for
+            values = self.function(list(prompts), list(responses))
+        except (Exception, SystemExit) as err:  # sys.exit() in a rule must not end the run as done
             code = getattr(self.function, "__code__", None)
+            advice = ": a rule returns rewards, it must not exit" if isinstance(
+                err, SystemExit) else ""
             raise ConfigError(_one_line(
                 f"reward.rule {self.spec} raised "
-                f"{_exception(err, code.co_filename if code else None)} {when}")) from None
-        return check_rewards(self.spec, values, len(responses), when)
+                f"{_exception(err, code.co_filename if code else None)} {when}{advice}")) from None
+        return check_rewards(self.spec, values, n, when)
 
 
 def _one_line(text: str) -> str:

@@ -23,6 +23,7 @@ from ..models.checkpoint import load_model, read_checkpoint
 from ..models.locate import resolve_checkpoint
 from ..runtime.layout import validate_layout
 from ..runtime.precision import check_precision
+from ..seeds import MAX_SEED
 from .engine import generate
 from .sampling import GREEDY, SamplingParams
 
@@ -133,6 +134,8 @@ def check_numbers(args: GenerateArgs) -> None:
         raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
     if args.pipeline_micro_batches < 0:
         raise ConfigError("--pipeline-micro-batches must be >= 0 (0: automatic)")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed {args.seed} must be in [0, 2**63 - 1]")
 
 
 def check_output_writable(output) -> None:

@@ -15,6 +15,8 @@ import torch
 from ..config_io import ConfigError
 from ..seeds import mix_seed
 
+MAX_TEMPERATURE = 100.0  # beyond it every token is as likely as any other: a typo
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,8 +26,10 @@ class SamplingParams:
     top_k: int = 0  # 0: no limit
 
     def __post_init__(self):
-        if not self.greedy and not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0 (use greedy instead)")
+        if not self.greedy and not 0 < self.temperature <= MAX_TEMPERATURE:
+            # (0: use greedy; a huge or infinite one turns masked logits into NaN)
+            raise ConfigError(f"temperature={self.temperature} must be in (0, "
+                              f"{MAX_TEMPERATURE:g}] (for 0 use greedy)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:

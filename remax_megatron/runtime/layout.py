@@ -37,15 +37,17 @@ def _divisors(n: int) -> str:
 
 
 def validate_layout(world_size: int, tp: int, pp: int, model: "ModelConfig | None" = None,
-                    what: str = "model") -> ParallelLayout:
-    """Check that ``tp`` x ``pp`` fits ``world_size`` and, when given, the model's shape."""
-    for name, value in (("tp", tp), ("pp", pp), ("world size", world_size)):
+                    what: str = "model", keys: tuple[str, str] = ("tp", "pp")) -> ParallelLayout:
+    """Check that ``tp`` x ``pp`` fits ``world_size`` and, when given, the model's shape.
+    ``keys``: the settings' names as the user wrote them (e.g. reward.tp, reward.pp)."""
+    for name, value in ((keys[0], tp), (keys[1], pp), ("world size", world_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise LayoutError(f"{name} must be a positive integer, got {value!r}")
     if world_size % (tp * pp):
+        both = f"{keys[0]}*{keys[1]}"
         raise LayoutError(
-            f"world size {world_size} is not divisible by tp*pp={tp}*{pp}={tp * pp}: "
-            f"launch a multiple of {tp * pp} ranks or choose tp*pp among {_divisors(world_size)}"
+            f"world size {world_size} is not divisible by {both}={tp}*{pp}={tp * pp}: "
+            f"launch a multiple of {tp * pp} ranks or choose {both} among {_divisors(world_size)}"
         )
     if model is not None:
         heads, groups = model.num_attention_heads, model.num_query_groups

@@ -12,6 +12,7 @@ from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_d
 from ..models.config import ModelConfig
 from ..rollout.sampling import SamplingParams
 from ..runtime.precision import check_precision
+from ..seeds import MAX_SEED
 
 
 @dataclass
@@ -153,6 +154,8 @@ def load_config(path: Optional[str], overrides: list[str], base: Optional[dict] 
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for key, value in b.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue  # an empty section (its keys commented out) changes nothing
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
             out.get(key), dict) else value
     return out
@@ -184,7 +187,8 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
     _check_ranges(cfg)
     _check_scale_features(cfg)
     layout = validate_layout(world_size, cfg.parallel.tp, cfg.parallel.pp, p.model, "policy")
-    validate_layout(world_size, cfg.reward.tp, cfg.reward.pp, None, "reward model")
+    validate_layout(world_size, cfg.reward.tp, cfg.reward.pp, None, "reward model",
+                    keys=("reward.tp", "reward.pp"))
     for name, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
                         ("rollout.n_samples", cfg.rollout.n_samples),
                         ("data.max_prompt_length", cfg.data.max_prompt_length),
@@ -220,7 +224,8 @@ def _check_ranges(cfg: RunConfig) -> None:
     t, c, lg = cfg.train, cfg.checkpoint, cfg.log
     inf = float("inf")
     rules = [
-        ("train.lr", t.lr, 0 <= t.lr < inf, "a number >= 0"),
+        # a learning rate above 1 is a typo (1e30 would end in NaN weights, every update skipped)
+        ("train.lr", t.lr, 0 <= t.lr <= 1, "a learning rate in [0, 1]"),
         ("train.min_lr", t.min_lr, 0 <= t.min_lr <= t.lr, f"in [0, train.lr={t.lr:g}]"),
         ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
         ("train.weight_decay", t.weight_decay, 0 <= t.weight_decay < inf, ">= 0"),
@@ -229,7 +234,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("train.clip_grad", t.clip_grad, 0 <= t.clip_grad < inf, ">= 0 (0: no clipping)"),
         ("train.epochs", t.epochs, 0 < t.epochs < inf, "a positive number"),
         ("train.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
-        ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+        ("train.seed", t.seed, 0 <= t.seed <= MAX_SEED, "in [0, 2**63 - 1]"),
         ("checkpoint.save_every", c.save_every, c.save_every >= 0, ">= 0 (0: only at the end)"),
         ("checkpoint.keep_last", c.keep_last, c.keep_last >= 0, ">= 0 (0: keep every one)"),
         ("log.samples_every", lg.samples_every, lg.samples_every >= 0, ">= 0 (0: never)"),
@@ -318,8 +323,8 @@ def _check_algorithm(cfg: RunConfig) -> None:
                           "critic: remove it (only ppo has one)")
     for name in ("lr", "min_lr"):
         value = getattr(c, name)
-        if value is not None and not 0 <= value < float("inf"):
-            raise ConfigError(f"critic.{name}={value} must be >= 0")
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"critic.{name}={value} must be a learning rate in [0, 1]")
     lr = cfg.train.lr if c.lr is None else c.lr
     min_lr = cfg.train.min_lr if c.min_lr is None else c.min_lr
     if alg.CRITIC and min_lr > lr:
