@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -179,8 +178,5 @@ def sampling_from_flags(greedy: bool, temperature, top_p, top_k) -> SamplingPara
         raise ConfigError("--greedy takes no --temperature / --top-p / --top-k")
     if not sampling_flags:
         return GREEDY
-    # SamplingParams checks the ranges; an infinite temperature would turn masked logits into NaN
-    if temperature is not None and not math.isfinite(temperature):
-        raise ConfigError(f"--temperature {temperature} must be a finite number > 0")
     return SamplingParams(temperature=1.0 if temperature is None else temperature,
                           top_p=1.0 if top_p is None else top_p, top_k=top_k or 0)
