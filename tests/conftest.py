@@ -71,18 +71,26 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 420,
 
 
 def greedy_until_near_tie(model, ids: list[int], new: int, tie: float,
-                          pad_token_id: int = 0) -> list[int]:
+                          pad_token_id: int = 0, reference=None) -> list[int]:
     """transformers' greedy continuation of ``ids``, cut before the first step whose top-2 logit
-    gap is below ``tie`` (a near-tie, where two bf16 implementations may rightly differ)."""
+    gap is below ``tie`` (a near-tie, where two bf16 implementations may rightly differ). With
+    ``reference`` (the fp32 model) a step is a near-tie when its gap is, too: the true logits,
+    of which a bf16 gap of a few ulps (0.125 near 25) may be a rounding away."""
     import torch
 
     out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new,
                          output_logits=True, return_dict_in_generate=True,
                          pad_token_id=pad_token_id)
     tokens = out.sequences[0, len(ids):].tolist()
-    for step, logits in enumerate(out.logits):
-        top2 = logits[0].float().topk(2).values
-        if top2[0] - top2[1] < tie:
+    steps = [logits[0].float() for logits in out.logits]
+    if reference is not None:
+        with torch.no_grad():  # the same tokens through the fp32 model: its logits at each step
+            true = reference(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].float()
+    for step, logits in enumerate(steps):
+        gaps = [logits.topk(2).values]
+        if reference is not None:
+            gaps.append(true[step].topk(2).values)
+        if min(float(top2[0] - top2[1]) for top2 in gaps) < tie:
             return tokens[:step]
     return tokens
 
