@@ -141,6 +141,10 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an output directory that holds a previous run, removing "
                         "that run's files (only those)")
+    p.add_argument("--allow-other-files", action="store_true",
+                   help="start in an output directory that holds files no remax-megatron run "
+                        "wrote there (they are never touched; a file named like one the run "
+                        "writes is still refused)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every default filled in) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -164,7 +168,8 @@ def _run_train(args) -> int:
         check_config(cfg, _world_size_to_check(cfg))  # print only what train would accept
         print(yaml.safe_dump(snapshot(cfg), sort_keys=False), end="", flush=True)
         return 0
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite,
+                      allow_other_files=args.allow_other_files)
     try:
         trainer.run()
     finally:

@@ -276,18 +276,40 @@ def test_damaged_latest_checkpoint_on_resume_names_the_earlier_one(base, tmp_pat
     assert [m["step"] for m in run_metrics(run)][-2:] == [2, 3]
 
 
-def test_corrupt_shard_bytes_surface_while_loading_as_one_line(base, tmp_path):
-    run = copy_run(base, tmp_path)
-    weights = run / "checkpoints" / "step_000002" / "model"
+def flip_embedding_byte(weights: Path) -> Path:
+    """Change one byte inside the word embedding's data (the file stays well-formed)."""
     metadata = pickle.loads((weights / ".metadata").read_bytes())
     info = next(v for k, v in metadata.storage_data.items()
                 if k.fqn == "embedding.word_embeddings.weight")
     shard = weights / info.relative_path
     data = bytearray(shard.read_bytes())
-    data[info.offset:info.offset + 64] = b"\xff" * 64  # same size: only reading finds it
+    data[info.offset + 100] ^= 0x40  # one bit of one weight
     shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_a_flipped_byte_is_caught_by_the_checksums(base, tmp_path, monkeypatch):
+    """One changed byte inside a tensor loads silently without checksums; with them a resume
+    stops with one line naming the file; REMAX_SKIP_CHECKSUMS=1 loads it unchecked."""
+    run = copy_run(base, tmp_path)
+    shard = flip_embedding_byte(run / "checkpoints" / "step_000002" / "model")
     line = one_error(resume(run))
-    assert f"{weights} cannot be read" in line and "damaged" in line
+    assert f"{shard} is corrupted (crc32 " in line and "REMAX_SKIP_CHECKSUMS=1" in line
+    monkeypatch.setenv("REMAX_SKIP_CHECKSUMS", "1")
+    resume(run, check=True)
+    assert [m["step"] for m in run_metrics(run)][-1] == 3
+
+
+def test_corrupt_optimizer_and_rng_bytes_are_named_on_resume(base, tmp_path):
+    run = copy_run(base, tmp_path)
+    step = run / "checkpoints" / "step_000002"
+    for victim in (next((step / "optimizer").glob("*.distcp")),
+                   step / "rng" / "rank_00000.safetensors"):
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+    line = one_error(resume(run))
+    assert "is corrupted" in line and ("optimizer/" in line or "rng/" in line)
 
 
 @pytest.mark.parametrize("override,needle", [

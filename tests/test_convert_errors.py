@@ -128,6 +128,40 @@ def test_out_not_empty_needs_force(llama_dir, tmp_path):
     assert (out / "remax_checkpoint.json").is_file() and not (out / "keep.txt").exists()
 
 
+def test_out_never_replaces_the_source(llama_dir, tmp_path):
+    """--force replaces --out as a whole: --out the source, a parent of it or inside it is
+    refused (both ways), the source intact."""
+    before = sorted(p.name for p in llama_dir.iterdir())
+    for out, how in ((llama_dir, "the same path as"), (llama_dir.parent, "contains"),
+                     (llama_dir / "sub", "lies inside")):
+        with pytest.raises(ConfigError, match=f"^--out .* {how} --hf .*choose an --out apart"):
+            hf_to_mcore(llama_dir, out, force=True)
+    ckpt = hf_to_mcore(llama_dir, tmp_path / "mcore")
+    for out, how in ((ckpt, "the same path as"), (tmp_path, "contains"),
+                     (ckpt / "hf", "lies inside")):
+        with pytest.raises(ConfigError, match=f"^--out .* {how} --load "):
+            mcore_to_hf(ckpt, out, force=True)
+    assert sorted(p.name for p in llama_dir.iterdir()) == before
+    assert (ckpt / "remax_checkpoint.json").is_file()
+
+
+def test_a_converted_checkpoint_carries_checksums_that_catch_a_flipped_byte(
+        llama_dir, tmp_path, monkeypatch):
+    ckpt = hf_to_mcore(llama_dir, tmp_path / "mcore")
+    listed = json.loads((ckpt / "checksums.json").read_text())["files"]
+    assert "remax_checkpoint.json" in listed and any(n.startswith("model/") for n in listed)
+    shard = max((ckpt / "model").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=f"^{shard} is corrupted \\(crc32 [0-9a-f]{{8}}, "
+                       "[0-9a-f]{8} when saved\\): copy the checkpoint again"):
+        mcore_to_hf(ckpt, tmp_path / "back")
+    assert_clean(tmp_path / "back")
+    monkeypatch.setenv("REMAX_SKIP_CHECKSUMS", "1")  # a checkpoint the user trusts
+    assert (mcore_to_hf(ckpt, tmp_path / "back") / "config.json").is_file()
+
+
 def test_missing_tokenizer_is_a_warning(tmp_path, caplog):
     model = tiny.build_hf_model("GPT2LMHeadModel", 300)
     hf_dir = tiny.save_hf(model, None, tmp_path / "hf")

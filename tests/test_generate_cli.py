@@ -207,6 +207,8 @@ BAD_INPUT = {
     "output_name_too_long": ({"--output": "{tmp}/" + "x" * 250 + ".jsonl"},
                              "cannot write there (File name too long)"),
     "output_in_procfs": ({"--output": "/proc/o.jsonl"}, "cannot create a file in /proc"),
+    "output_is_the_input": ({"--output": "{root}/in.jsonl"}, "the same path as --input"),
+    "output_inside_the_checkpoint": ({"--output": "{ckpt}/o.jsonl"}, "lies inside --load"),
     "input_missing": ({"--input": "{tmp}/nothing.jsonl"}, "nothing.jsonl is not a file"),
     "input_is_a_directory": ({"--input": "{tmp}"}, "is not a file"),
     "load_missing": ({"--load": "{tmp}/nowhere"}, "nowhere does not exist"),

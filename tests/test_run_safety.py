@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, run_metrics, run_python, worker_env
 from remax_megatron.config_io import ConfigError
-from remax_megatron.training.run_dir import LOCK_FILE, RunDirectory
+from remax_megatron.training.run_dir import LOCK_FILE, MANIFEST, RunDirectory, newest_checkpoint
 
 TINY = ["train.steps=2", "train.global_batch_size=8", "train.micro_batch_size=8",
         "rollout.max_new_tokens=4", "log.tensorboard=false", "log.plot=false"]
@@ -79,7 +79,9 @@ def test_overwrite_removes_only_the_previous_runs_files(finished, tmp_path):
     run = copy_run(finished, tmp_path / "run")
     (run / "my_notes.txt").write_text("keep me")
     (run / "checkpoints" / "step_000002" / "marker").write_text("old run")
-    train(run, "train.steps=1", "--overwrite")
+    line = one_error_line(train(run, "train.steps=1", "--overwrite", check=False))
+    assert "holds files no remax-megatron run wrote (my_notes.txt)" in line
+    train(run, "train.steps=1", "--overwrite", "--allow-other-files")
     assert (run / "my_notes.txt").read_text() == "keep me"
     assert [m["step"] for m in run_metrics(run)] == [1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000001"]
@@ -189,25 +191,25 @@ def test_run_directory_rules_in_process(tmp_path):
     d = tmp_path / "out"
     d.mkdir()
     (d / "unrelated.txt").write_text("x")
-    first = RunDirectory(d)
+    first = RunDirectory(d, allow_other_files=True)
     assert first.prepare(lambda _: None).resume_from is None  # not a run: start
     first.close()
-    holder = RunDirectory(d)
+    holder = RunDirectory(d, allow_other_files=True)
     holder.prepare(lambda _: None)
     with pytest.raises(ConfigError, match=r"in use by another run \(pid \d+ on "):
-        RunDirectory(d).prepare(lambda _: None)
+        RunDirectory(d, allow_other_files=True).prepare(lambda _: None)
     holder.close()
     (d / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="holds another run \\(metrics.jsonl\\)"):
-        RunDirectory(d).prepare(lambda _: None)
+        RunDirectory(d, allow_other_files=True).prepare(lambda _: None)
     fake = d / "checkpoints" / "step_000003"
     resumer = RunDirectory(d, resume=True)
     assert resumer.prepare(lambda _: fake).resume_from == fake
     resumer.close()
     (d / "checkpoints").mkdir()
-    overwriter = RunDirectory(d, overwrite=True)
+    overwriter = RunDirectory(d, overwrite=True, allow_other_files=True)
     assert overwriter.prepare(lambda _: None).resume_from is None
-    assert sorted(p.name for p in d.iterdir()) == [LOCK_FILE, "unrelated.txt"]
+    assert sorted(p.name for p in d.iterdir()) == [MANIFEST, LOCK_FILE, "unrelated.txt"]
     overwriter.close()
     with pytest.raises(ConfigError, match="--resume: output_dir .*/missing does not exist"):
         RunDirectory(tmp_path / "missing", resume=True).prepare(lambda _: None)
@@ -221,6 +223,78 @@ def test_run_directory_rules_in_process(tmp_path):
         RunDirectory(d, resume="sometimes")
 
 
+def prepare(path, **kw):
+    run = RunDirectory(path, **kw)
+    try:
+        return run.prepare(newest_checkpoint)
+    finally:
+        run.close()
+
+
+def fake_checkpoint(step_dir: Path, complete: bool = True) -> Path:
+    """The files locate.is_complete looks for (trainer_state.json last, as a save writes it)."""
+    (step_dir / "model").mkdir(parents=True)
+    for name in ("remax_checkpoint.json", "model/metadata.json",
+                 *(["trainer_state.json"] if complete else [])):
+        (step_dir / name).write_text("{}")
+    return step_dir
+
+
+def test_only_what_a_run_of_ours_wrote_is_ever_removed(tmp_path, monkeypatch):
+    """Files named like a run's (a hand-written config.yaml, another tool's checkpoints/, an hf/
+    model) but not in a run's manifest are refused with every flag and left as they were;
+    other files need --allow-other-files; the root and home directories are refused."""
+    for name in ("config.yaml", "checkpoints/other_tool.bin", "hf/model.safetensors"):
+        d = tmp_path / name.replace("/", "_")
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text("user's")
+        for kw in ({}, {"overwrite": True}, {"resume": "auto"}, {"allow_other_files": True}):
+            with pytest.raises(ConfigError, match=f"holds {name.split('/')[0]}.*which a run "
+                               "writes, but no remax-megatron run wrote them there"):
+                prepare(d, **kw)
+            assert (d / name).read_text() == "user's" and not (d / MANIFEST).exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user's")
+    with pytest.raises(ConfigError, match=r"holds files no remax-megatron run wrote \(notes.txt\)"
+                       ": choose a new or empty output_dir, or pass --allow-other-files"):
+        prepare(mine)
+    prepare(mine, allow_other_files=True)
+    assert "config.yaml" in json.loads((mine / MANIFEST).read_text())["files"]
+    (mine / "config.yaml").write_text("the run's")  # a run's file: --overwrite removes it
+    prepare(mine, overwrite=True, allow_other_files=True)
+    assert sorted(p.name for p in mine.iterdir()) == [MANIFEST, LOCK_FILE, "notes.txt"]
+    monkeypatch.setenv("HOME", str(mine))
+    for special in (mine, Path("/")):
+        with pytest.raises(ConfigError, match="is the (home|root) directory: a run writes"):
+            prepare(special, overwrite=True, allow_other_files=True)
+
+
+def test_resume_auto_never_starts_over_on_a_damaged_checkpoint(tmp_path):
+    """--resume auto: a newest save without its trainer state resumes from the complete one
+    before it; with no complete one left it stops and removes nothing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare(run)  # the manifest of a run of ours
+    (run / "metrics.jsonl").write_text("{}\n")
+    good = fake_checkpoint(run / "checkpoints" / "step_000002")
+    fake_checkpoint(run / "checkpoints" / "step_000004", complete=False)
+    (run / "checkpoints" / "latest").write_text("step_000004\n")
+    assert prepare(run, resume="auto").resume_from == good
+    (good / "trainer_state.json").unlink()
+    before = fingerprint(run)
+    with pytest.raises(ConfigError, match=r"--resume auto: .*checkpoints holds latest, "
+                       "step_000002, step_000004 but no complete checkpoint .* so it will not "
+                       "start over"):
+        prepare(run, resume="auto")
+    assert fingerprint(run) == before
+    # a run of an earlier version, without a manifest, resumes (its files become the run's)
+    (good / "trainer_state.json").write_text("{}")
+    (run / MANIFEST).unlink()
+    assert prepare(run, resume="auto").resume_from == good
+    assert (run / MANIFEST).is_file()
+
+
 def test_lock_names_its_holder(tmp_path):
     holder = RunDirectory(tmp_path)
     holder.prepare(lambda _: None)
@@ -228,3 +302,21 @@ def test_lock_names_its_holder(tmp_path):
     assert info["pid"] == os.getpid()
     holder.close()
     assert_unlocked(tmp_path / LOCK_FILE)
+
+
+def test_a_run_whose_every_update_is_skipped_stops(tmp_path):
+    """Rewards of +-3e38 (finite in float32) overflow the REINFORCE loss: every update is
+    skipped, and after train.max_skipped_steps such steps the run stops with one line instead
+    of running to the end and saving the untrained weights as trained."""
+    rule = tmp_path / "huge.py"
+    rule.write_text("def reward(prompts, responses):\n"
+                    "    return [3.0e38 if len(r) % 2 else -3.0e38 for r in responses]\n")
+    run = tmp_path / "run"
+    proc = train(run, "train.steps=8", f"reward.rule={rule}:reward", "algorithm.name=reinforce",
+                 "train.max_skipped_steps=3", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("remax-megatron train: error: steps 1-3: every update skipped")
+    assert "train.max_skipped_steps=0" in line
+    assert [(m["step"], m["skipped"]) for m in run_metrics(run)] == [(1, 1), (2, 1), (3, 1)]
+    assert not (run / "checkpoints").exists()

@@ -64,7 +64,7 @@ def test_data_is_seeded_and_eval_is_held_out(tmp_path):
         assert task.expected_answer(CHAT.format(row["messages"][-1]["content"])) is not None
 
 
-@pytest.mark.parametrize("name,algorithm", [("remax", "remax"), ("grpo", "grpo")])
+@pytest.mark.parametrize("name,algorithm", [("remax", "remax"), ("rloo", "rloo"), ("grpo", "grpo")])
 def test_example_configs_load_and_keep_the_measured_budget(name, algorithm):
     """The README's figures come from these files: both load (no unknown key), name their
     algorithm and sample 32 responses per step with the task's rule and files."""

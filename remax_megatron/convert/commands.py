@@ -22,9 +22,11 @@ from ..models.checkpoint import (
     DTYPE_NAMES, TOKENIZER_DIR, WEIGHTS_DIR, CheckpointMeta, load_model, read_checkpoint,
     save_full_weights, write_checkpoint_files,
 )
+from ..models.checksums import digest, listed_files, write_checksums
 from ..models.config import ModelConfig
 from ..models.hf_config import HFModelInfo, from_hf_config, to_hf_config
 from ..models.locate import resolve_checkpoint
+from ..path_checks import check_apart, overlap
 from . import gpt2, llama, rules
 from .hf_files import (
     HFWeights, ShardedSafetensorsWriter, GENERATION_CONFIG, copy_files, directory_is_empty,
@@ -109,6 +111,7 @@ def hf_to_mcore(hf_dir, out, dtype: str = "auto", model_type: str = "auto",
 
     hf_dir, out = Path(hf_dir), Path(out)
     start = time.time()
+    check_apart("--out", out, {"--hf": hf_dir})
     _check_out(out, force)
     hf_config = read_hf_config(hf_dir)
     info = from_hf_config(hf_config)
@@ -147,6 +150,7 @@ def _write_converted(weights, stored, family, info, hf_config, reward, params_dt
         write_checkpoint_files(tmp, meta, info.config, hf_config)
         copy_files(hf_dir, tmp / TOKENIZER_DIR)
         copy_files(hf_dir, tmp, [GENERATION_CONFIG])
+        write_checksums(tmp, digest(tmp, listed_files(tmp)))
         replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,8 +164,12 @@ def mcore_to_hf(load, out, force: bool = False, max_shard_gib: float = 2.0) -> P
 
     out = Path(out)
     start = time.time()
-    load = resolve_checkpoint(load, "--load")
+    named, load = load, resolve_checkpoint(load, "--load")
     read_checkpoint(load)  # its one-line errors before any process group starts
+    # --out may lie in the run directory --load names (OUTPUT/hf), never in the checkpoint
+    check_apart("--out", out, {"--load": load})
+    if overlap(out, named) in ("is", "contains"):  # the run directory --load names
+        check_apart("--out", out, {"--load": named})
     _check_out(out, force)
     with single_process_runtime():
         meta = _write_exported(load, out, max_shard_gib)

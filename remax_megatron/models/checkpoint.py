@@ -24,6 +24,7 @@ import torch
 
 from ..config_io import ConfigError, atomic_write_text, from_dict, load_yaml, save_yaml
 from .builder import build_chunks, dtype_from_name, model_chunks, unwrap
+from .checksums import verify_checksums
 from .config import ModelConfig
 from .dcp_reader import DAMAGED, check_weights, load_sharded, read_json
 
@@ -242,6 +243,8 @@ def load_model(path, params_dtype: Optional[torch.dtype] = None, spec: str = "au
 
     ckpt = read_checkpoint(path)
     check_weights(ckpt.path / WEIGHTS_DIR)  # damaged files fail here, before any model is built
+    # a training checkpoint's optimizer and RNG files are checked when a run resumes from it
+    verify_checksums(ckpt.path, skip=("optimizer", "rng"))
     if expect_kind is not None and ckpt.meta.kind != expect_kind:
         raise ConfigError(f"{path} holds a {ckpt.meta.kind} model ({ckpt.meta.architecture}), "
                           f"but a {expect_kind} model is needed here")

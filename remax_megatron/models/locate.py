@@ -29,6 +29,11 @@ _STEP_DIR = re.compile(r"step_(\d+)")
 _TMP_DIR = re.compile(r"\.step_\d+\.tmp")
 
 
+def is_step_dir(path: Path) -> bool:
+    """A step_N directory (complete or not), as training checkpoints are named."""
+    return bool(_STEP_DIR.fullmatch(path.name)) and path.is_dir() and not path.is_symlink()
+
+
 def is_complete(step_dir: Path) -> bool:
     """A training checkpoint whose save finished: the trainer writes trainer_state.json last,
     inside a .tmp directory that is renamed only once every rank is done."""

@@ -20,6 +20,7 @@ from ..data.tokenizer import eos_token_ids, load_tokenizer
 from ..models.builder import dtype_from_name
 from ..models.checkpoint import load_model, read_checkpoint
 from ..models.locate import resolve_checkpoint
+from ..path_checks import check_apart
 from ..runtime.layout import validate_layout
 from ..runtime.precision import check_precision
 from ..seeds import MAX_SEED
@@ -70,6 +71,7 @@ def run_generate(args: GenerateArgs) -> int:
         raise ConfigError(f"--input {args.input} is not a file: give a JSONL file of "
                           '{"prompt": ...} or {"messages": ...} rows')
     load = resolve_checkpoint(args.load, "--load")
+    check_apart("--output", args.output, {"--input": args.input, "--load": load})
     checkpoint = read_checkpoint(load)
     if checkpoint.meta.is_reward:
         raise ConfigError(f"--load {load} is a reward model ({checkpoint.meta.architecture}): "

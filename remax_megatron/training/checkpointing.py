@@ -35,6 +35,7 @@ from ..models.checkpoint import (
     META_FILE, TOKENIZER_DIR, WEIGHTS_DIR, CheckpointMeta, load_weights, read_checkpoint,
     save_weights, sharded_state_dict, write_checkpoint_files,
 )
+from ..models.checksums import checksum_share, gathered, verify_checksums, write_checksums
 from ..models.locate import complete_steps, newest_complete
 from ..models.dcp_reader import (
     check_weights, describe_os_error, file_error, load_sharded, one_line,
@@ -189,6 +190,8 @@ def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler,
         for extra in extra_models:
             _save_model_and_optimizer(tmp / extra.name, extra.model, extra.optimizer)
         _agreed_write(small_files)
+        for directory in (tmp, *(tmp / extra.name for extra in extra_models)):
+            _write_checksums(directory)
         _agreed_write(lambda: _publish(root, tmp, final) if rank == 0 else None)
     except _SaveFailed as err:
         removed = _remove_partial(tmp)
@@ -198,6 +201,14 @@ def save_training_checkpoint(root: Path, step: int, model, optimizer, scheduler,
         log.info("saved checkpoint %s", final)
     dist.barrier()
     return final
+
+
+def _write_checksums(directory: Path) -> None:
+    """Collective: every rank hashes a share of the finished files, rank 0 writes the list."""
+    share = {}
+    _agreed_write(lambda: share.update(checksum_share(directory)))
+    files = gathered(share)
+    _agreed_write(lambda: write_checksums(directory, files) if dist.get_rank() == 0 else None)
 
 
 def _remove_partial(tmp: Path) -> bool:
@@ -339,6 +350,9 @@ def load_training_checkpoint(path: Path, model, optimizer, scheduler, extra_mode
                   for extra in extra_models})
     state = agreed(lambda: check_training_checkpoint(
         path, built[""], {name: config for name, config in built.items() if name}))
+    for directory in (path, *(path / extra.name for extra in extra_models)):
+        if directory.is_dir():
+            verify_checksums(directory)
     _load_model_and_optimizer(path, model, optimizer)
     for extra in extra_models:
         if not (path / extra.name / WEIGHTS_DIR).is_dir():

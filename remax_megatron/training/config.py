@@ -110,6 +110,10 @@ class TrainConfig:
     # activation recompute in the policy's training forward/backward: none, selective (core
     # attention) or full (each layer recomputed from its input)
     recompute: str = "none"
+    # steps in a row whose every update is skipped (non-finite loss or gradient) that stop the
+    # run with an error; 0: never (fp16 runs never stop: their loss scaler skips while it
+    # searches for its scale)
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -235,6 +239,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("train.epochs", t.epochs, 0 < t.epochs < inf, "a positive number"),
         ("train.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
         ("train.seed", t.seed, 0 <= t.seed <= MAX_SEED, "in [0, 2**63 - 1]"),
+        ("train.max_skipped_steps", t.max_skipped_steps, t.max_skipped_steps >= 0,
+         ">= 0 (0: never stop)"),
         ("checkpoint.save_every", c.save_every, c.save_every >= 0, ">= 0 (0: only at the end)"),
         ("checkpoint.keep_last", c.keep_last, c.keep_last >= 0, ">= 0 (0: keep every one)"),
         ("log.samples_every", lg.samples_every, lg.samples_every >= 0, ">= 0 (0: never)"),

@@ -1,12 +1,18 @@
 """A training run's output directory: one run per directory, held under a lock while it runs,
 and the choice between starting, resuming and starting over made once, by global rank 0,
-before any model is built. Nothing the user did not ask to remove is removed.
+before any model is built. Nothing the user did not ask to remove is removed, and only what a
+run of ours wrote is ever removed: a run records the names it writes (MANIFEST, written before
+any of them) and --overwrite / --resume auto remove those names only.
 
-  start      the directory is new, empty, or holds only files that are not a run's
+  start      the directory is new or empty, or holds only an earlier run's files (then
+             --overwrite or --resume is needed); --allow-other-files: it may also hold other
+             files, which are never touched (a file named like one a run writes is refused)
   --resume   continue from the newest complete checkpoint (an error when there is none)
   --resume auto   resume when there is a checkpoint, else start over (a requeued cluster job:
-                  a previous attempt that saved no checkpoint is replaced)
-  --overwrite     remove the previous run's files (RUN_FILES only), then start
+                  a previous attempt that saved no checkpoint is replaced); a checkpoints/
+                  holding saves none of which is complete stops it instead (never starts over)
+  --overwrite     remove the previous run's files (the manifest's names only), then start
+Never: the file system's root or the home directory.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval.jsonl", "checkpoints",
              "tensorboard", "reward_curves.png", "hf", "wandb")
 LOCK_FILE = ".remax-run.lock"
+MANIFEST = ".remax-run.json"  # {"written_by": "remax-megatron", "files": [names a run writes]}
+OURS = (LOCK_FILE, MANIFEST)
 RESUME_MODES = ("no", "yes", "auto")
 _held_locks: list = []  # the lock files this process holds
 
@@ -66,10 +74,12 @@ def resume_mode(value) -> str:
 class RunDirectory:
     """Rank 0 prepares the directory and holds its lock until ``close``."""
 
-    def __init__(self, path, resume="no", overwrite: bool = False):
+    def __init__(self, path, resume="no", overwrite: bool = False,
+                 allow_other_files: bool = False):
         self.path = Path(path)
         self.resume = resume_mode(resume)
         self.overwrite = overwrite
+        self.allow_other_files = allow_other_files
         self._lock = None
         if overwrite and self.resume != "no":
             raise ConfigError("--overwrite starts over and --resume continues: give one of them")
@@ -86,6 +96,13 @@ class RunDirectory:
             raise
 
     def _create(self) -> None:
+        real = self.path.expanduser().resolve()
+        for special, what in ((Path(real.anchor), "the root directory"),
+                              (Path.home().resolve(), "the home directory")):
+            if real == special:
+                raise ConfigError(f"output_dir {self.path} is {what}: a run writes (and "
+                                  "--overwrite removes) files there; give it a directory of its "
+                                  "own, e.g. runs/NAME")
         if self.resume == "yes" and not self.path.exists():
             raise ConfigError(f"--resume: output_dir {self.path} does not exist: check the path, "
                               "or drop --resume to start a new run there")
@@ -131,22 +148,47 @@ class RunDirectory:
         _held_locks.append(handle)
 
     def _decide(self, find_checkpoint) -> RunPlan:
-        previous = [name for name in RUN_FILES if (self.path / name).exists()]
-        checkpoint = find_checkpoint(self.path) if previous and self.resume != "no" else None
+        entries = {p.name for p in self.path.iterdir()} - set(OURS)
+        owned = read_manifest(self.path)
+        previous = sorted(entries & (owned or set()))
+        checkpoint = find_checkpoint(self.path) if self.resume != "no" else None
+        if checkpoint is not None and owned is None:
+            # a run of an earlier version (no manifest) with a complete checkpoint of ours
+            owned, previous = set(RUN_FILES), sorted(entries & set(RUN_FILES))
+            log.info("output_dir %s: a run without %s; its %s are taken as the run's own",
+                     self.path, MANIFEST, ", ".join(previous))
         if self.resume == "yes" and checkpoint is None:
             what = ("holds a run that saved no checkpoint" if previous else "holds no run")
             raise ConfigError(f"--resume: output_dir {self.path} {what}, so there is nothing to "
                               "resume: drop --resume to start a new run"
                               + (" (with --overwrite to replace it)" if previous else "")
                               + ", or use --resume auto")
-        if self.resume != "no" and checkpoint is not None:
+        if checkpoint is not None:
+            self._check_collisions(entries, owned)
+            write_manifest(self.path, owned | set(RUN_FILES))
             return RunPlan(checkpoint)
+        if self.resume == "auto" and "checkpoints" in previous:
+            saves = unfinished_saves(self.path / "checkpoints")
+            if saves:
+                raise ConfigError(
+                    f"--resume auto: {self.path / 'checkpoints'} holds {', '.join(saves[:3])} "
+                    "but no complete checkpoint (a save without trainer_state.json or weights), "
+                    "so it will not start over and remove them: fix or move them, or start over "
+                    "with --overwrite")
         if previous and not (self.overwrite or self.resume == "auto"):
             found = ", ".join(name + ("/" if (self.path / name).is_dir() else "")
                               for name in previous)
             raise ConfigError(f"output_dir {self.path} holds another run ({found}): --resume to "
                               "continue it, --overwrite to start over (removes those), or choose "
                               "another output_dir")
+        self._check_collisions(entries, owned)
+        others = sorted(entries - (owned or set()))
+        if others and not self.allow_other_files:
+            more = f" and {len(others) - 4} more" if len(others) > 4 else ""
+            shown = ", ".join(others[:4]) + more
+            raise ConfigError(f"output_dir {self.path} holds files no remax-megatron run wrote "
+                              f"({shown}): choose a new or empty output_dir, or pass "
+                              "--allow-other-files to start beside them (never touched)")
         if previous:
             for name in previous:
                 target = self.path / name
@@ -157,7 +199,20 @@ class RunDirectory:
             log.info("output_dir %s: removed the previous run's %s (%s)", self.path,
                      ", ".join(previous), "--overwrite" if self.overwrite
                      else "--resume auto found no checkpoint")
+        write_manifest(self.path, set(RUN_FILES))
         return RunPlan(None)
+
+    def _check_collisions(self, entries: set, owned) -> None:
+        """Files named like those a run writes that no run of ours wrote: always refused (the
+        run would write over them, or a later --overwrite remove them)."""
+        clash = sorted((entries & set(RUN_FILES)) - (owned or set()))
+        if clash:
+            names = ", ".join(n + ("/" if (self.path / n).is_dir() else "") for n in clash)
+            why = (f"its {MANIFEST} does not list them" if owned is not None
+                   else f"it has no {MANIFEST}: another tool's files, or a hand-made copy")
+            raise ConfigError(f"output_dir {self.path} holds {names}, which a run writes, but no "
+                              f"remax-megatron run wrote them there ({why}): move them, or "
+                              "choose another output_dir")
 
     def close(self) -> None:
         if self._lock is None:
@@ -173,6 +228,35 @@ class RunDirectory:
                 _held_locks.remove(self._lock)
             self._lock.close()
             self._lock = None
+
+
+def read_manifest(path: Path) -> set | None:
+    """The names a run of ours recorded writing in ``path``; None without a manifest (one that
+    cannot be read counts as none: nothing is removed on its word)."""
+    try:
+        data = json.loads((Path(path) / MANIFEST).read_text())
+        return {name for name in data["files"] if isinstance(name, str) and "/" not in name}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_manifest(path: Path, names: set) -> None:
+    from ..config_io import atomic_write_text
+
+    atomic_write_text(Path(path) / MANIFEST, json.dumps(
+        {"written_by": "remax-megatron", "files": sorted(names)}) + "\n")
+
+
+def unfinished_saves(checkpoints: Path) -> list[str]:
+    """step_N directories (and a latest pointer) of ours in a checkpoints/ without a complete
+    checkpoint: a damaged save a restart must not take for "nothing saved"."""
+    from ..models.locate import LATEST, is_step_dir
+
+    try:
+        return sorted(p.name for p in checkpoints.iterdir()
+                      if p.name == LATEST or is_step_dir(p))
+    except OSError:
+        return []
 
 
 def newest_checkpoint(run: Path) -> Path | None:

@@ -32,6 +32,7 @@ from ..models.hf_config import HFModelInfo, to_hf_config
 from ..models.locate import resolve_checkpoint
 from ..models.sharding import load_full_state_dict, seeded_full_weights
 from ..ops.logprobs import frame_log_probs
+from ..path_checks import check_apart, overlap
 from ..rollout.engine import generate
 from ..rollout.generate_command import left_pad
 from ..rollout.sampling import GREEDY, SamplingParams
@@ -49,6 +50,7 @@ from .engine import (
     optimizer_settings, restore_schedule, to_precision, update, wrap_ddp,
 )
 from .export import HF_DIR, export_hf
+from .guards import SkippedSteps
 from .experience import (
     RolloutShape, micro_batches, mini_batches, reward_items, sample_rows, split_rewards,
 )
@@ -90,9 +92,11 @@ class Experience:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume=False, overwrite: bool = False):
+    def __init__(self, cfg: RunConfig, resume=False, overwrite: bool = False,
+                 allow_other_files: bool = False):
         """``resume``: False, True (a checkpoint must exist) or "auto"; ``overwrite``: remove a
-        previous run's files from the output directory first (see run_dir.py)."""
+        previous run's files from the output directory first; ``allow_other_files``: start in
+        an output directory that holds files no run wrote (see run_dir.py)."""
         self.cfg = cfg
         launch = read_launch_env()
         _resolve_loads(cfg)
@@ -118,9 +122,8 @@ class Trainer:
                 self.policy.config.vocab_size, self.tokenizer)
             check_critic_fits(critic_source, launch.world_size, cfg.parallel.tp, cfg.parallel.pp,
                               cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
-        self.run_dir = RunDirectory(self.out, resume, overwrite)
-        if overwrite or self.run_dir.resume == "auto":
-            self._check_inputs_outside_output()
+        self.run_dir = RunDirectory(self.out, resume, overwrite, allow_other_files)
+        self._check_inputs_apart_from_output(removes=overwrite or self.run_dir.resume == "auto")
         self.runtime = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed,
                                     backend=cfg.parallel.backend, model=self.policy.config)
         try:
@@ -141,17 +144,25 @@ class Trainer:
             self._check_resumable(plan.resume_from, critic_source)
         return plan
 
-    def _check_inputs_outside_output(self) -> None:
-        """--overwrite (and --resume auto without a checkpoint) remove the old run's files: never
-        the checkpoints this run is about to load."""
-        out = self.out.resolve()
-        for name in ("policy.load", "reward.load", "critic.load"):
-            section, key = name.split(".")
-            value = getattr(getattr(self.cfg, section), key)
-            if isinstance(value, str) and value != "policy" and Path(value).resolve().is_relative_to(out):
-                raise ConfigError(f"{name}={value} lies inside output_dir {self.out}, whose previous "
-                                  "run's files --overwrite / --resume auto may remove: copy it "
-                                  "elsewhere or choose another output_dir")
+    def _check_inputs_apart_from_output(self, removes: bool) -> None:
+        """output_dir is no input and lies inside none; with --overwrite (and --resume auto
+        without a checkpoint), which remove the old run's files, it holds none either."""
+        c = self.cfg
+        rule_file = (c.reward.rule or "").rpartition(":")[0]
+        inputs = {"policy.load": c.policy.load, "reward.load": c.reward.load,
+                  "critic.load": c.critic.load, "data.path": c.data.path,
+                  "data.eval_path": c.data.eval_path,
+                  "reward.rule": rule_file if rule_file.endswith(".py") else None}
+        for name, value in inputs.items():
+            if not isinstance(value, str) or value == "policy":
+                continue
+            how = overlap(self.out, value)
+            if how in ("is", "lies inside"):
+                check_apart("output_dir", self.out, {name: value})
+            if how == "contains" and removes:
+                raise ConfigError(f"{name}={value} lies inside output_dir {self.out}, whose "
+                                  "previous run's files --overwrite / --resume auto may remove: "
+                                  "copy it elsewhere or choose another output_dir")
 
     def _build(self, critic_source, rule_reward) -> None:
         cfg = self.cfg
@@ -179,6 +190,9 @@ class Trainer:
                                  if cfg.policy.load else None)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.step = 0
+        self.last_updates = 0  # policy updates in the last step (skipped_steps counts them)
+        self.skipped_steps = SkippedSteps(
+            0 if self.dtype == torch.float16 else cfg.train.max_skipped_steps)
         self.samples = None  # a few prompts with their responses, on sample steps (rank 0)
         if self.resume_from is not None:
             self._resume(self.resume_from)
@@ -559,6 +573,7 @@ class Trainer:
             self.scheduler.step(increment=1)
         if any(applied for applied, _ in critic):
             self.critic.scheduler.step(increment=1)
+        self.last_updates = len(policy)
         skipped = sum(not applied for applied, _ in policy + critic)
         if skipped:
             log.warning("step %d: non-finite loss or gradient: %d of %d updates skipped, their "
@@ -706,6 +721,7 @@ class Trainer:
                 self.metrics.log(metrics)
                 if self.samples:
                     self.metrics.log_samples(self.step, self.samples)
+            self.skipped_steps.after_step(self.step, metrics["skipped"], self.last_updates)
             if every and self.step % every == 0 and self.step < self.total_steps:
                 self.save()
         final = self.save() if self.step >= self.total_steps else None
