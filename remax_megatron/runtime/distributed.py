@@ -125,7 +125,15 @@ def init_runtime(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = "aut
     if not torch.distributed.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if env.under_torchrun:
-            torch.distributed.init_process_group(backend=backend, timeout=timeout)
+            # torchrun's store outlives a restart of the workers (--max-restarts): without a
+            # prefix of its own, a restarted round reads the dead round's addresses (gloo:
+            # "connectFullMesh failed ... Connection refused" with the static rendezvous)
+            store, rank, world_size = next(torch.distributed.rendezvous("env://",
+                                                                        timeout=timeout))
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            torch.distributed.init_process_group(
+                backend=backend, store=torch.distributed.PrefixStore(f"restart_{restart}/", store),
+                rank=rank, world_size=world_size, timeout=timeout)
         else:
             # A plain single process: an in-memory store, no MASTER_ADDR/MASTER_PORT needed.
             torch.distributed.init_process_group(
@@ -141,7 +149,7 @@ def init_runtime(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = "aut
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
-            distributed_timeout_minutes=int(max(1, timeout_minutes)),
+            distributed_timeout_minutes=timeout_minutes,  # a float works (a timedelta's)
         )
     seed_everything(seed, parallel_state.get_pipeline_model_parallel_rank())
     runtime = Runtime(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,

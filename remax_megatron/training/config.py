@@ -35,6 +35,9 @@ class ParallelConfig:
     # model chunks per pipeline stage (megatron's interleaved schedule, pp >= 2): the pipeline's
     # bubble shrinks by this factor, for virtual_pp times the stage-to-stage messages
     virtual_pp: int = 1
+    # how long a rank waits in a collective for the others before the run stops with a line
+    # naming the silent rank (torch's default; megatron's own groups get the same)
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -239,6 +242,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("train.epochs", t.epochs, 0 < t.epochs < inf, "a positive number"),
         ("train.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
         ("train.seed", t.seed, 0 <= t.seed <= MAX_SEED, "in [0, 2**63 - 1]"),
+        ("parallel.timeout_minutes", cfg.parallel.timeout_minutes,
+         0 < cfg.parallel.timeout_minutes <= 7 * 24 * 60, "in (0, 10080] (a week)"),
         ("train.max_skipped_steps", t.max_skipped_steps, t.max_skipped_steps >= 0,
          ">= 0 (0: never stop)"),
         ("checkpoint.save_every", c.save_every, c.save_every >= 0, ">= 0 (0: only at the end)"),

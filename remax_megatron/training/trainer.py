@@ -37,6 +37,7 @@ from ..rollout.engine import generate
 from ..rollout.generate_command import left_pad
 from ..rollout.sampling import GREEDY, SamplingParams
 from ..runtime.distributed import agreed, init_runtime, read_launch_env, shutdown
+from ..runtime.heartbeat import Heartbeat
 from ..seeds import mix_seed
 from . import demo
 from .checkpointing import (
@@ -125,7 +126,10 @@ class Trainer:
         self.run_dir = RunDirectory(self.out, resume, overwrite, allow_other_files)
         self._check_inputs_apart_from_output(removes=overwrite or self.run_dir.resume == "auto")
         self.runtime = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed,
-                                    backend=cfg.parallel.backend, model=self.policy.config)
+                                    backend=cfg.parallel.backend, model=self.policy.config,
+                                    timeout_minutes=cfg.parallel.timeout_minutes)
+        self.heartbeat = Heartbeat(self.runtime.rank, self.runtime.world_size,
+                                   cfg.parallel.timeout_minutes)
         try:
             # Global rank 0 owns the output directory (lock, refuse or clean, decide on resume);
             # every rank hears of a refusal, and of the checkpoint to resume from.
@@ -135,6 +139,7 @@ class Trainer:
             self.resume_from = Path(shared[0]) if shared[0] else None
             self._build(critic_source, rule_reward)
         except BaseException:
+            self.heartbeat.close()
             self.run_dir.close()
             raise
 
@@ -477,8 +482,10 @@ class Trainer:
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = share_of(self.loader.next_batch(), dp_rank, dp)
 
+        self.heartbeat.enter("rollout", self.step + 1)
         out = self._rollout(mine)
         t_rollout = time.time()
+        self.heartbeat.enter("reward", self.step + 1)
         items = reward_items(self.shape, mine, out, self.tokenizer)
         rewards = agreed(lambda: self.reward.score(items))
         every = self.cfg.log.samples_every
@@ -487,6 +494,7 @@ class Trainer:
         sampled, greedy = split_rewards(self.shape, rewards)
         outcome = self.alg.sequence_advantages(sampled, greedy, alg)
         t_reward = time.time()
+        self.heartbeat.enter("update", self.step + 1)
 
         batches, width = micro_batches(self.shape, mine, out, outcome, self.pad, mbs, self.device,
                                        groups=alg.mini_batches or 1,
@@ -514,6 +522,7 @@ class Trainer:
         official ReMax code's evaluation). Every rank calls it."""
         from megatron.core import parallel_state as ps
 
+        self.heartbeat.enter("evaluate", self.step)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         # as many rows per call as a training rollout generates (prompts x continuations)
         per_call = max(1, self.cfg.train.global_batch_size // dp * self.shape.k)
@@ -673,6 +682,7 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def save(self) -> Path:
+        self.heartbeat.enter("save", self.step)
         state = {"step": self.step,
                  "loader": [self.loader.state.epoch, self.loader.state.cursor],
                  "use_distributed_optimizer": self.cfg.train.use_distributed_optimizer}
@@ -692,7 +702,17 @@ class Trainer:
         return [path] if path is not None and path.is_file() else []
 
     def run(self, stop_after: int | None = None) -> list[dict]:
-        """Train to the configured number of steps (or ``stop_after`` more steps)."""
+        """Train to the configured number of steps (or ``stop_after`` more steps). A collective
+        that times out (a rank hung) is one line naming the silent rank (runtime/heartbeat.py)."""
+        try:
+            return self._run(stop_after)
+        except RuntimeError as err:
+            message = self.heartbeat.explain(err)
+            if message is None:
+                raise
+            raise ConfigError(message) from None
+
+    def _run(self, stop_after: int | None) -> list[dict]:
         history = []
         every = self.cfg.checkpoint.save_every
         end = self.total_steps if stop_after is None else min(self.total_steps,
@@ -739,6 +759,7 @@ class Trainer:
         return history
 
     def close(self) -> None:
+        self.heartbeat.close()
         shutdown()
         self.run_dir.close()
 
