@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from remax_megatron.models.checkpoint import WEIGHTS_DIR, load_model, save_weights
+from remax_megatron.models.checksums import CHECKSUMS
 from remax_megatron.ops import padding
 from remax_megatron.runtime.distributed import init_runtime, shutdown
 from worker_io import layout_parser, write_report
@@ -80,7 +81,7 @@ def main() -> int:
             save_weights(model, target / WEIGHTS_DIR)
             if dist.get_rank() == 0:
                 for item in Path(case["checkpoint"]).iterdir():
-                    if item.name != WEIGHTS_DIR:
+                    if item.name not in (WEIGHTS_DIR, CHECKSUMS):  # not this save's weights
                         copy = shutil.copytree if item.is_dir() else shutil.copy2
                         copy(item, target / item.name)
             dist.barrier()
