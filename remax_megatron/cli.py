@@ -98,6 +98,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: %(default)s)")
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline-parallel size (default: %(default)s)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size of a mixture-of-experts model: its experts split "
+                        "over ep of the dp ranks (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed; a row's samples depend only on it and the row "
                         "(default: %(default)s)")
@@ -123,7 +126,7 @@ def _run_generate(args) -> int:
     sampling = sampling_from_flags(args.greedy, args.temperature, args.top_p, args.top_k)
     return run_generate(GenerateArgs(
         load=args.load, input=args.input, output=args.output, sampling=sampling,
-        max_new_tokens=args.max_new_tokens, tp=args.tp, pp=args.pp, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, tp=args.tp, pp=args.pp, ep=args.ep, seed=args.seed,
         batch_size=args.batch_size, tokenizer=args.tokenizer,
         pipeline_micro_batches=args.pipeline_micro_batches, dtype=args.dtype,
         cuda_graph=args.cuda_graph))

@@ -49,6 +49,17 @@ TINY_SHAPES = {
 }
 
 
+# 4 experts, 2 per token; Qwen2-MoE's shared expert and softmax-then-top-k without renormalizing
+TINY_MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                    router_jitter_noise=0.0),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, norm_topk_prob=False),
+}
+
+
 def hf_config(architecture: str, vocab_size: int, **overrides):
     """A tiny transformers config for ``architecture`` (any of the supported classes)."""
     import transformers
@@ -57,12 +68,18 @@ def hf_config(architecture: str, vocab_size: int, **overrides):
 
     model_type = {**CAUSAL_LM, **REWARD}[architecture]
     cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
-           "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[model_type]
+           "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config, "mixtral": transformers.MixtralConfig,
+           "qwen2_moe": transformers.Qwen2MoeConfig,
+           "qwen3_moe": transformers.Qwen3MoeConfig}[model_type]
     shape = dict(TINY_SHAPES["gpt2" if model_type == "gpt2" else "llama"])
     if model_type == "gpt2":
         shape.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if model_type == "mistral":
         shape.update(sliding_window=None)
+    if model_type in ("qwen3", "qwen3_moe"):
+        shape.update(head_dim=24)  # Qwen3's head_dim is its own, not hidden / heads
+    shape.update(TINY_MOE.get(model_type, {}))
     shape.update(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if architecture in REWARD:
         shape.update(num_labels=1)

@@ -123,10 +123,47 @@ def test_reward_models(cls, arch, kw):
     assert info.is_reward and info.architecture == arch
 
 
+def test_qwen3_has_qk_norms_and_its_own_head_dim():
+    info = from_hf_config(hf_dict(transformers.Qwen3Config, "Qwen3ForCausalLM",
+                                  **{**LLAMA_KW, "head_dim": 40}))
+    assert info.config.qk_norm and info.config.kv_channels == 40
+    assert not info.config.add_qkv_bias and not info.config.is_moe
+    assert from_hf_config(hf_dict(transformers.Qwen3Config, "Qwen3ForSequenceClassification",
+                                  **LLAMA_KW, num_labels=1)).is_reward
+
+
+QWEN_MOE_KW = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+@pytest.mark.parametrize("arch,cls,kw,expected", [
+    # Mixtral: softmax, top-2, renormalized; experts of intermediate_size
+    ("MixtralForCausalLM", transformers.MixtralConfig, dict(num_local_experts=8),
+     dict(num_experts=8, moe_topk=2, moe_renormalize=True, expert_ffn_hidden_size=96,
+          moe_shared_expert_ffn_hidden_size=None, qk_norm=False)),
+    ("Qwen3MoeForCausalLM", transformers.Qwen3MoeConfig, {**QWEN_MOE_KW, "norm_topk_prob": True},
+     dict(num_experts=8, moe_renormalize=True, expert_ffn_hidden_size=32, qk_norm=True)),
+    ("Qwen2MoeForCausalLM", transformers.Qwen2MoeConfig,
+     {**QWEN_MOE_KW, "shared_expert_intermediate_size": 48},
+     dict(moe_renormalize=False, moe_shared_expert_ffn_hidden_size=48,
+          moe_shared_expert_gate=True, add_qkv_bias=True)),
+])
+def test_mixture_of_experts_mapping(arch, cls, kw, expected):
+    hf = hf_dict(cls, arch, **LLAMA_KW, router_aux_loss_coef=0.02, **kw)
+    config = from_hf_config(hf).config
+    assert config.is_moe and config.moe_aux_loss_coef == 0.02
+    assert {k: getattr(config, k) for k in expected} == expected
+
+
 @pytest.mark.parametrize("arch,cls,kw", [
     ("GPT2LMHeadModel", transformers.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4)),
     ("LlamaForCausalLM", transformers.LlamaConfig, LLAMA_KW),
     ("Qwen2ForCausalLM", transformers.Qwen2Config, LLAMA_KW),
+    ("Qwen3ForCausalLM", transformers.Qwen3Config, {**LLAMA_KW, "head_dim": 40}),
+    ("Qwen3ForSequenceClassification", transformers.Qwen3Config, {**LLAMA_KW, "num_labels": 1}),
+    ("MixtralForCausalLM", transformers.MixtralConfig, {**LLAMA_KW, "num_local_experts": 4}),
+    ("Qwen3MoeForCausalLM", transformers.Qwen3MoeConfig, {**LLAMA_KW, **QWEN_MOE_KW}),
+    ("Qwen2MoeForCausalLM", transformers.Qwen2MoeConfig,
+     {**LLAMA_KW, **QWEN_MOE_KW, "shared_expert_intermediate_size": 48}),
     ("LlamaForSequenceClassification", transformers.LlamaConfig, {**LLAMA_KW, "num_labels": 1}),
 ])
 def test_round_trip_through_transformers(arch, cls, kw):
@@ -146,7 +183,12 @@ def test_round_trip_through_transformers(arch, cls, kw):
       "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 4.0}},
      "RoPE scaling 'yarn' is not supported: use one of linear, llama3"),
     ({**hf_dict(transformers.LlamaConfig, "LlamaForCausalLM", **LLAMA_KW),
-      "attention_bias": True}, "attention_bias=true is not supported for Llama"),
+      "attention_bias": True}, "attention_bias=true is not supported for llama"),
+    ({**hf_dict(transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM", **LLAMA_KW, **QWEN_MOE_KW),
+      "mlp_only_layers": [1]}, "every layer must be a mixture of experts"),
+    ({**hf_dict(transformers.MixtralConfig, "MixtralForCausalLM", **LLAMA_KW,
+                num_local_experts=4), "router_jitter_noise": 0.1},
+     "router_jitter_noise is not supported: set it 0"),
 ])
 def test_unsupported_configs(hf, needle):
     with pytest.raises(ConfigError) as err:

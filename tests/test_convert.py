@@ -29,6 +29,8 @@ CASES = {
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),  # scales at 12 tokens
     "mistral": ("MistralForCausalLM", {}),
     "qwen2": ("Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3ForCausalLM", {}),  # q/k norms, head_dim 24 (not hidden / heads)
+    "qwen3_tied_reward": ("Qwen3ForSequenceClassification", {"tie_word_embeddings": True}),
     "gpt2_reward": ("GPT2ForSequenceClassification", {}),
     "llama_reward": ("LlamaForSequenceClassification", {}),
 }

@@ -17,7 +17,7 @@ from remax_megatron.rollout.generate_command import left_pad
 WORKER = str(WORKERS / "generation_check.py")
 MAX_NEW = 10
 PROMPTS = ["hello world", "the quick brown fox jumps over the lazy dog .", "a", "red green blue"]
-CASES = {"llama_gqa": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+CASES = {"llama_gqa": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "qwen3": "Qwen3ForCausalLM"}
 LOGPROB_TOL = 1e-4
 
 

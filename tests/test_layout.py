@@ -68,3 +68,42 @@ def test_backend_choice():
                                     ("mpi", False, "backend 'mpi' is unknown")):
         with pytest.raises(LayoutError, match=needle):
             choose_backend(requested, cuda_available=cuda)
+
+
+MOE = ModelConfig.llama(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
+                        vocab_size=100, max_position_embeddings=64, num_experts=4,
+                        moe_ffn_hidden_size=48)
+
+
+def test_expert_parallel_layout():
+    layout = validate_layout(8, 2, 1, MOE, ep=2)
+    assert (layout.dp, layout.ep) == (4, 2) and "ep=2" in str(layout)
+
+
+@pytest.mark.parametrize("world,tp,ep,model,needle", [
+    (4, 2, 4, MOE, "ep=4 does not divide the data-parallel size dp=2 (world size 4 / (tp*pp=2)): "
+                   "choose ep among 1, 2"),
+    (6, 1, 3, MOE, "has 4 experts, not divisible by ep=3: choose ep among 1, 2, 4"),
+    (2, 1, 2, MOE.replace(num_experts=None, moe_ffn_hidden_size=None),
+     "ep=2 needs a mixture-of-experts model: set ep=1"),
+    (4, 4, 1, MOE.replace(moe_ffn_hidden_size=50), "moe_ffn_hidden_size=50 is not divisible by "
+                                                   "tp=4"),
+])
+def test_impossible_expert_layouts(world, tp, ep, model, needle):
+    with pytest.raises(LayoutError) as err:
+        validate_layout(world, tp, 1, model, ep=ep)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(num_experts=None), "model.moe_ffn_hidden_size needs model.num_experts"),
+    (dict(moe_topk=5), "moe_topk=5 exceeds num_experts=4"),
+    (dict(moe_shared_expert_gate=True), "moe_shared_expert_gate needs "
+                                        "moe_shared_expert_ffn_hidden_size"),
+    (dict(moe_aux_loss_coef=float("inf")), "moe_aux_loss_coef must be a finite number >= 0"),
+    (dict(activation="gelu", family="gpt2"), "mixture-of-experts models need activation=swiglu"),
+])
+def test_bad_expert_settings(changes, needle):
+    with pytest.raises(ConfigError) as err:
+        MOE.replace(**changes)
+    assert needle in str(err.value)

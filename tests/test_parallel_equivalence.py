@@ -1,6 +1,7 @@
 """TP=2, PP=2, TP=2 x PP=2 and DP=2 (plain and distributed optimizer) against the single-rank model:
 logits, vocab-parallel log-probs and entropy, loss, gathered gradients and the weights after one
-megatron optimizer step, for a GQA Llama, a tied GPT-2 and a GPT-2 reward model."""
+megatron optimizer step, for a GQA Llama, a Qwen3-shaped model (q/k norms), a tied GPT-2 and a
+GPT-2 reward model."""
 
 from __future__ import annotations
 
@@ -53,13 +54,14 @@ def test_layout_matches_single_rank(layout, reference, tmp_path):
     run_torchrun(nproc, [WORKER, "--check", str(reference), "--report", str(report_path), *extra])
     report = read_json(report_path)
 
-    for case in ("llama_gqa", "gpt2_tied"):
+    for case in ("llama_gqa", "qwen3_qk_norm", "gpt2_tied"):
         for out in POLICY_OUTPUTS:
             assert f"{case}/outputs/{out}" in report, f"{case}: {out} was not compared"
         assert f"{case}/vp_vs_full/log_probs" in report
     assert "gpt2_reward/outputs/scores" in report
     if "distributed_optimizer" not in layout:
         assert any(k.startswith("llama_gqa/grads/") for k in report)
+        assert any(k.startswith("qwen3_qk_norm/grads/") and "q_layernorm" in k for k in report)
     assert any(k.startswith("gpt2_tied/weights_after_step/") for k in report)
 
     failures = {k: v for k, v in report.items() if v > TOL[k.split("/")[1]]}

@@ -12,8 +12,8 @@ import torch
 
 from conftest import WORKERS, read_json, run_torchrun
 from remax_megatron import tiny
-from remax_megatron.convert import llama, rules
-from remax_megatron.convert.commands import hf_to_mcore
+from remax_megatron.convert import rules
+from remax_megatron.convert.commands import family_module, hf_to_mcore
 from remax_megatron.models.hf_config import from_hf_config
 from remax_megatron.runtime import precision
 
@@ -101,11 +101,34 @@ ALGORITHMS = {
 }
 
 
-def build_reference(root, alg_name):
+LLAMA = "LlamaForCausalLM"
+
+
+def build_reference(root, alg_name, arch=LLAMA):
     tokenizer = tiny.build_tokenizer(300)
-    model = tiny.build_hf_model("LlamaForCausalLM", len(tokenizer), seed=9)
+    # a mixture of experts without its load-balancing loss: the loss is the algorithm's alone
+    extra = {"router_aux_loss_coef": 0.0} if "Moe" in arch or "Mixtral" in arch else {}
+    model = tiny.build_hf_model(arch, len(tokenizer), seed=9, **extra)
     ckpt = hf_to_mcore(tiny.save_hf(model, tokenizer, root / "hf"), root / "ckpt")
     return write_reference(root, alg_name, model, ckpt, len(tokenizer))
+
+
+def grads_as_saved(model, directory) -> dict:
+    """The gradients under the names a checkpoint stores (transformers keeps a mixture of experts'
+    weights fused in memory and writes them one expert at a time): saved with transformers' own
+    save_pretrained in the weights' place."""
+    from safetensors.torch import load_file
+
+    params = list(model.parameters())
+    weights = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.grad.detach().clone()
+        model.save_pretrained(directory)
+    finally:
+        for p, w in zip(params, weights):
+            p.data = w
+    return load_file(str(directory / "model.safetensors"))
 
 
 def write_reference(root, alg_name, model, ckpt, vocab: int, low_id: int = 3):
@@ -127,8 +150,11 @@ def write_reference(root, alg_name, model, ckpt, vocab: int, low_id: int = 3):
     model.zero_grad()
     loss.backward()
     hf_grads = {name: p.grad for name, p in model.named_parameters()}
-    config = from_hf_config(model.config.to_dict()).config
-    expected = dict(rules.to_mcore(llama.rules(config, False), hf_grads.__getitem__))
+    if any(".experts." in name for name in hf_grads):
+        hf_grads = grads_as_saved(model, root / "hf_grads")
+    info = from_hf_config(model.config.to_dict())
+    family = family_module(info.model_type)
+    expected = dict(rules.to_mcore(family.rules(info.config, False), hf_grads.__getitem__))
     model.zero_grad()
     path = root / f"ref_{alg_name}.pt"
     torch.save({"checkpoint": str(ckpt), "prompts": prompts, "responses": responses,
@@ -139,26 +165,33 @@ def write_reference(root, alg_name, model, ckpt, vocab: int, low_id: int = 3):
 
 
 CASES = {
-    "tp2_paper": (2, ["--tp", "2"], "paper"),
+    "tp2_paper": (2, ["--tp", "2"], "paper", LLAMA),
     # bf16 weights (Float16Module, fp32 main params and gradients): the precision path of GPU
     # runs, here on the CPU's bf16 kernels; compared with the fp32 plain-torch reference
     "tp2_paper_bf16": pytest.param(
-        2, ["--tp", "2", "--dtype", "bf16"], "paper",
+        2, ["--tp", "2", "--dtype", "bf16"], "paper", LLAMA,
         marks=pytest.mark.skipif(not precision.bf16_supported(),
                                  reason="no native bf16 on this machine")),
-    "pp2_official": (2, ["--pp", "2"], "official"),
-    "dp2_official": (2, [], "official"),
-    "tp2_grpo": (2, ["--tp", "2"], "grpo"),
-    "pp2_ppo": (2, ["--pp", "2"], "ppo"),
-    "dp2_ppo": (2, [], "ppo"),
+    "pp2_official": (2, ["--pp", "2"], "official", LLAMA),
+    "dp2_official": (2, [], "official", LLAMA),
+    "tp2_grpo": (2, ["--tp", "2"], "grpo", LLAMA),
+    "pp2_ppo": (2, ["--pp", "2"], "ppo", LLAMA),
+    "dp2_ppo": (2, [], "ppo", LLAMA),
+    # a mixture of experts (Qwen3-MoE: q/k norms, 4 experts, top-2) with its experts split
+    # over the two data-parallel ranks, which exchange tokens in every MoE layer
+    "ep2_qwen3_moe_paper": (2, ["--ep", "2"], "paper", "Qwen3MoeForCausalLM"),
+    "ep2_qwen3_moe_grpo": (2, ["--ep", "2"], "grpo", "Qwen3MoeForCausalLM"),
+    # megatron trains MoE layers at tp > 1 only with sequence parallelism
+    "tp2_ep2_sp_mixtral_paper": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel"], "paper",
+                                 "MixtralForCausalLM"),
 }
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("nproc, flags, alg", list(CASES.values()), ids=list(CASES))
-def test_loss_and_gradients_match_plain_torch(nproc, flags, alg, tmp_path, request):
+@pytest.mark.parametrize("nproc, flags, alg, arch", list(CASES.values()), ids=list(CASES))
+def test_loss_and_gradients_match_plain_torch(nproc, flags, alg, arch, tmp_path, request):
     case = request.node.callspec.id
-    ref = build_reference(tmp_path, alg)
+    ref = build_reference(tmp_path, alg, arch)
     run_torchrun(nproc, [WORKER, "--ref", str(ref), "--report", str(tmp_path / "r.json"), *flags])
     report = read_json(tmp_path / "r.json")
     bf16 = "bf16" in case

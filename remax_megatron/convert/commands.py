@@ -27,7 +27,7 @@ from ..models.config import ModelConfig
 from ..models.hf_config import HFModelInfo, from_hf_config, to_hf_config
 from ..models.locate import resolve_checkpoint
 from ..path_checks import check_apart, overlap
-from . import gpt2, llama, rules
+from . import gpt2, llama, moe, rules
 from .hf_files import (
     HFWeights, ShardedSafetensorsWriter, GENERATION_CONFIG, copy_files, directory_is_empty,
     has_tokenizer, open_hf_weights, replace_directory, tmp_sibling,
@@ -36,7 +36,10 @@ from .hf_files import (
 log = logging.getLogger(__name__)
 
 
-def family_module(model_type: str) -> ModuleType:
+def family_module(model_type: str) -> ModuleType | moe.MoEFamily:
+    """The conversion rules of a model type (a module, or an MoE family's naming)."""
+    if model_type in moe.FAMILIES:
+        return moe.FAMILIES[model_type]
     return gpt2 if model_type == "gpt2" else llama
 
 

@@ -1,4 +1,4 @@
-"""Llama (and Mistral, Qwen2) causal LMs and sequence classifiers <-> megatron-core.
+"""Llama (and Mistral, Qwen2, Qwen3) causal LMs and sequence classifiers <-> megatron-core.
 
 HF's rotate-half RoPE equals megatron's non-interleaved RoPE: q/k rows are not permuted, only
 grouped per key/value group. SwiGLU's gate and up projections stack into linear_fc1 = [gate; up].
@@ -13,7 +13,16 @@ from .rules import Rule, head_rules, same, stacked
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # a buffer in old checkpoints
 
 
-def rules(c: ModelConfig, reward: bool) -> list[Rule]:
+def dense_mlp(c: ModelConfig, m: str, p: str) -> list[Rule]:
+    """One layer's SwiGLU MLP: fc1 = [gate; up], fc2 = down."""
+    return [stacked(m + "mlp.linear_fc1.weight", (p + "mlp.gate_proj.weight",
+                                                  p + "mlp.up_proj.weight")),
+            same(m + "mlp.linear_fc2.weight", p + "mlp.down_proj.weight")]
+
+
+def rules(c: ModelConfig, reward: bool, mlp=dense_mlp) -> list[Rule]:
+    """The whole model; ``mlp(c, mcore_prefix, hf_prefix)`` gives each layer's MLP rules (the
+    mixture-of-experts families pass their own)."""
     nh, ng, d = c.num_attention_heads, c.num_query_groups, c.kv_channels
 
     def qkv(mcore: str, attn: str, kind: str) -> Rule:
@@ -28,12 +37,13 @@ def rules(c: ModelConfig, reward: bool) -> list[Rule]:
                 qkv(m + "self_attention.linear_qkv.weight", p + "self_attn.", "weight")]
         if c.add_qkv_bias:
             out.append(qkv(m + "self_attention.linear_qkv.bias", p + "self_attn.", "bias"))
+        if c.qk_norm:
+            out += [same(m + "self_attention.q_layernorm.weight", p + "self_attn.q_norm.weight"),
+                    same(m + "self_attention.k_layernorm.weight", p + "self_attn.k_norm.weight")]
         out += [
             same(m + "self_attention.linear_proj.weight", p + "self_attn.o_proj.weight"),
             same(m + "pre_mlp_layernorm.weight", p + "post_attention_layernorm.weight"),
-            stacked(m + "mlp.linear_fc1.weight", (p + "mlp.gate_proj.weight",
-                                                  p + "mlp.up_proj.weight")),
-            same(m + "mlp.linear_fc2.weight", p + "mlp.down_proj.weight"),
+            *mlp(c, m, p),
         ]
     out.append(same("decoder.final_layernorm.weight", "model.norm.weight"))
     return out + head_rules(reward, c.tie_word_embeddings)
@@ -53,6 +63,7 @@ def hf_shapes(c: ModelConfig, reward: bool) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,),
             p + "self_attn.o_proj.weight": (h, q), p + "mlp.gate_proj.weight": (f, h),
             p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
+            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
         })
     return shapes
 

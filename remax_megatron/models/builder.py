@@ -70,8 +70,10 @@ def _recompute_settings(recompute: str) -> dict:
 def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1,
                        params_dtype: torch.dtype = torch.float32,
                        perform_initialization: bool = True, recompute: str = "none",
-                       sequence_parallel: bool = False, virtual_pp: int = 1):
-    """megatron-core TransformerConfig for ``model`` at this layout and dtype, with activation
+                       sequence_parallel: bool = False, virtual_pp: int = 1, ep: int = 1):
+    """megatron-core TransformerConfig for ``model`` at this layout (``ep``: expert parallelism;
+    megatron marks expert weights by it, so that DDP leaves their gradients to each expert-parallel
+    rank instead of summing them over dp) and dtype, with activation
     ``recompute`` (see RECOMPUTE), megatron's sequence parallelism (tp > 1 only) and
     ``virtual_pp`` model chunks per pipeline stage (megatron's interleaved schedule)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -93,11 +95,13 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1,
         gated_linear_unit=gated,
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_norm,  # also makes megatron sum these norms' grads over tp
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -118,7 +122,41 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1,
         sequence_parallel=sequence_parallel,
         virtual_pipeline_model_parallel_size=virtual_pp if virtual_pp > 1 else None,
         **_recompute_settings(recompute),
+        **_moe_settings(model),
     )
+
+
+def _moe_settings(model: ModelConfig) -> dict:
+    """megatron's MoE layer as transformers' Mixtral / Qwen-MoE blocks compute it: the router
+    in fp32 (transformers' softmax is fp32), no token dropping, the all-to-all dispatcher (token
+    counts differ per rank: it exchanges them), sequential experts unless grouped GEMM is
+    available, the load-balancing loss at ``moe_aux_loss_coef`` (overridable at build time)."""
+    if not model.is_moe:
+        return {}
+    _define_te_gemm()
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_topk,
+        moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+        moe_router_pre_softmax=not model.moe_renormalize,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=model.moe_aux_loss_coef,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=model.moe_shared_expert_gate,
+        moe_shared_expert_overlap=False,
+    )
+
+
+def _define_te_gemm() -> None:
+    """megatron-core 0.16's router names ``te_general_gemm`` without Transformer Engine, where
+    the import that defines it failed (NameError at the first forward): define it as absent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def check_virtual_pp(model: ModelConfig, pp: int, virtual_pp: int) -> None:
@@ -139,9 +177,11 @@ def layer_spec(model: ModelConfig, spec: str = "auto"):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if resolve_spec(spec) == "te":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=model.num_experts, qk_layernorm=model.qk_norm)
     normalization = "RMSNorm" if model.norm == "rmsnorm" else "LayerNorm"
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=model.num_experts, normalization=normalization, qk_layernorm=model.qk_norm)
 
 
 class SequenceParallelTorchNorm:
@@ -174,6 +214,13 @@ def _block_spec(layers, cfg, pp_rank: int, vp_stage: int | None):
         return layers  # apex's / Transformer Engine's norms support it themselves
     norms = {name: SequenceParallelTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
              if getattr(subs, name) is WrappedTorchNorm}
+    attn = subs.self_attention
+    # q/k norms (Qwen3) see this rank's heads only: their grads are summed over tp either way
+    qk = {name: SequenceParallelTorchNorm for name in ("q_layernorm", "k_layernorm")
+          if getattr(attn.submodules, name, None) is WrappedTorchNorm}
+    if qk:
+        norms["self_attention"] = dataclasses.replace(
+            attn, submodules=dataclasses.replace(attn.submodules, **qk))
     layer = dataclasses.replace(layers, submodules=dataclasses.replace(subs, **norms))
     count = get_num_layers_to_build(cfg, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * count,
@@ -206,7 +253,8 @@ def mark_tensor_parallel(model: torch.nn.Module) -> None:
         if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
             continue
         mode = getattr(module, "parallel_mode", None)  # Transformer Engine's linears
-        gated_fc1 = name.endswith("mlp.linear_fc1") and module.config.gated_linear_unit
+        # every SwiGLU fc1: the dense MLP's, each expert's and the shared expert's
+        gated_fc1 = name.endswith("linear_fc1") and module.config.gated_linear_unit
         if isinstance(module, VocabParallelEmbedding):
             rule = (0, 1)
         elif isinstance(module, ColumnParallelLinear) or mode == "column":
@@ -251,7 +299,7 @@ def _build(cls, model: ModelConfig, params_dtype, spec, pg_collection, perform_i
     vp_stage = vp_stage if virtual_pp > 1 else None
     pre, post = _stage_flags(pg_collection, vp_stage, virtual_pp)
     cfg = transformer_config(model, tp, pp, params_dtype, perform_initialization, recompute,
-                             sequence_parallel, virtual_pp)
+                             sequence_parallel, virtual_pp, _ep_size(pg_collection, model))
     gpt = cls(
         config=cfg,
         transformer_layer_spec=_block_spec(layer_spec(model, spec), cfg, _pp_rank(pg_collection),
@@ -293,6 +341,18 @@ def _group_sizes(pg_collection) -> tuple[int, int]:
         return (parallel_state.get_tensor_model_parallel_world_size(),
                 parallel_state.get_pipeline_model_parallel_world_size())
     return pg_collection.tp.size(), pg_collection.pp.size()
+
+
+def _ep_size(pg_collection, model: ModelConfig) -> int:
+    """The expert-parallel size of a mixture-of-experts model's groups (1 for a dense model)."""
+    if not model.is_moe:
+        return 1
+    if pg_collection is None:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_expert_model_parallel_world_size()
+    group = getattr(pg_collection, "ep", None)
+    return 1 if group is None else group.size()
 
 
 def _reward_model_class():

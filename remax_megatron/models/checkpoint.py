@@ -43,7 +43,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 class CheckpointMeta:
     kind: str  # "policy" or "reward"
     architecture: str  # the HF class it came from / exports to
-    model_type: str  # gpt2 | llama | mistral | qwen2
+    model_type: str  # gpt2 | llama | mistral | qwen2 | qwen3
     dtype: str  # fp32 | bf16 | fp16
     vocab_size: int  # the tokenizer's true vocabulary
     step: Optional[int] = None  # training step, for checkpoints written by `train`

@@ -38,7 +38,19 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None  # None: plain RoPE; else models/rope.py (llama3, linear)
     add_bias_linear: bool = True
     add_qkv_bias: bool = True
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query / key head, before RoPE
     tie_word_embeddings: bool = True
+    # mixture of experts (None: a dense MLP in every layer): each token goes to moe_topk of
+    # num_experts SwiGLU experts of moe_ffn_hidden_size, weighted by the router's softmax
+    num_experts: Optional[int] = None
+    moe_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # None: ffn_hidden_size
+    # the top-k probabilities renormalized to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob);
+    # False: the softmax over all experts, top-k taken as they are (Qwen2-MoE)
+    moe_renormalize: bool = True
+    moe_shared_expert_ffn_hidden_size: Optional[int] = None  # Qwen2-MoE's shared expert
+    moe_shared_expert_gate: bool = False  # its sigmoid gate
+    moe_aux_loss_coef: float = 0.0  # the load-balancing loss's weight (HF router_aux_loss_coef)
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0  # RLHF runs without dropout: log-probs must be deterministic
@@ -77,6 +89,14 @@ class ModelConfig:
         return self.num_key_value_heads or self.num_attention_heads
 
     @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    @property
     def kv_channels(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
@@ -110,11 +130,43 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}: change one, or set head_dim"
             )
+        if self.qk_norm and self.norm != "rmsnorm":
+            raise ConfigError("model.qk_norm needs norm=rmsnorm (Qwen3's q/k norms are RMSNorms)")
+        self._validate_moe()
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"num_key_value_heads={self.num_query_groups}: GQA needs whole groups of heads"
             )
+
+    def _validate_moe(self) -> None:
+        if not self.is_moe:
+            extra = [name for name in ("moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size")
+                     if getattr(self, name) is not None]
+            if extra or self.moe_shared_expert_gate:
+                raise ConfigError(f"model.{(extra or ['moe_shared_expert_gate'])[0]} needs "
+                                  "model.num_experts: set it, or remove the MoE settings")
+            return
+        for name in ("num_experts", "moe_topk", "moe_ffn_hidden_size",
+                     "moe_shared_expert_ffn_hidden_size"):
+            value = getattr(self, name)
+            if value is None and name != "num_experts":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.moe_topk > self.num_experts:
+            raise ConfigError(f"model.moe_topk={self.moe_topk} exceeds num_experts="
+                              f"{self.num_experts}: route each token to at most every expert")
+        if self.activation != "swiglu":
+            raise ConfigError("mixture-of-experts models need activation=swiglu (the experts are "
+                              "SwiGLU MLPs)")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_ffn_hidden_size is None:
+            raise ConfigError("model.moe_shared_expert_gate needs "
+                              "moe_shared_expert_ffn_hidden_size (the shared expert it gates)")
+        coef = self.moe_aux_loss_coef
+        if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not 0 <= coef < 1e3:
+            raise ConfigError(f"model.moe_aux_loss_coef must be a finite number >= 0, got "
+                              f"{coef!r}")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -1,8 +1,11 @@
 """Map a Hugging Face config.json (as a dict) onto our ModelConfig, and back.
 
-Supported: GPT2LMHeadModel, LlamaForCausalLM and its trivial variants (MistralForCausalLM,
-Qwen2ForCausalLM), and as reward models GPT2ForSequenceClassification /
-LlamaForSequenceClassification (and the Mistral / Qwen2 ones) with num_labels 1.
+Supported: GPT2LMHeadModel, LlamaForCausalLM and its variants (MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM with its q/k norms), the mixture-of-experts
+MixtralForCausalLM, Qwen2MoeForCausalLM (with its gated shared expert) and Qwen3MoeForCausalLM,
+and as reward models
+GPT2ForSequenceClassification / LlamaForSequenceClassification (and the Mistral / Qwen2 / Qwen3
+ones) with num_labels 1.
 """
 
 from __future__ import annotations
@@ -21,21 +24,29 @@ CAUSAL_LM = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 REWARD = {
     "GPT2ForSequenceClassification": "gpt2",
     "LlamaForSequenceClassification": "llama",
     "MistralForSequenceClassification": "mistral",
     "Qwen2ForSequenceClassification": "qwen2",
+    "Qwen3ForSequenceClassification": "qwen3",
 }
 SUPPORTED = tuple(CAUSAL_LM) + tuple(REWARD)
+QKV_BIAS = ("qwen2", "qwen2_moe")
+QK_NORM = ("qwen3", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True)
 class HFModelInfo:
     config: ModelConfig
     architecture: str
-    model_type: str  # gpt2 | llama | mistral | qwen2
+    model_type: str  # gpt2 | llama | mistral | qwen2 | qwen3 | mixtral | qwen2_moe | qwen3_moe
     is_reward: bool
 
 
@@ -82,10 +93,10 @@ def _llama_like(hf: dict, model_type: str) -> ModelConfig:
     if uses_window and window is not None and window < hf.get("max_position_embeddings", 0):
         log.warning("%s sliding_window=%d is not applied: sequences longer than it will "
                     "differ from transformers", model_type, window)
-    if hf.get("attention_bias") and model_type != "qwen2":
-        # Llama's attention_bias also biases o_proj, which megatron ties to MLP biases.
-        raise ConfigError("attention_bias=true is not supported for Llama: set it false")
-    qkv_bias = model_type == "qwen2"
+    if hf.get("attention_bias") and model_type not in QKV_BIAS:
+        # Llama's / Qwen3's attention_bias also biases o_proj, which megatron ties to MLP biases.
+        raise ConfigError(f"attention_bias=true is not supported for {model_type}: set it false")
+    qkv_bias = model_type in QKV_BIAS
     theta, scaling = hf_rope_scaling(hf)
     return ModelConfig.llama(
         num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
@@ -93,10 +104,37 @@ def _llama_like(hf: dict, model_type: str) -> ModelConfig:
         head_dim=head_dim, ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
         max_position_embeddings=hf["max_position_embeddings"],
         norm_epsilon=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-        add_qkv_bias=qkv_bias, add_bias_linear=False,
+        add_qkv_bias=qkv_bias, add_bias_linear=False, qk_norm=model_type in QK_NORM,
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         init_method_std=hf.get("initializer_range", 0.02),
+        **(_moe(hf, model_type) if model_type in MOE else {}),
     )
+
+
+def _moe(hf: dict, model_type: str) -> dict:
+    """The mixture-of-experts settings of a Mixtral / Qwen2-MoE / Qwen3-MoE config.json."""
+    if hf.get("router_jitter_noise"):
+        raise ConfigError("router_jitter_noise is not supported: set it 0 (RL needs the same "
+                          "routing in rollout and training)")
+    if model_type == "mixtral":
+        # softmax over the experts, top-k, renormalized: megatron's top-k, then softmax
+        return dict(num_experts=hf["num_local_experts"], moe_topk=hf["num_experts_per_tok"],
+                    moe_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)))
+    if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+        raise ConfigError(f"{model_type} with dense layers (decoder_sparse_step="
+                          f"{hf.get('decoder_sparse_step', 1)}, mlp_only_layers="
+                          f"{hf.get('mlp_only_layers')}) is not supported: every layer must be "
+                          "a mixture of experts (decoder_sparse_step 1, mlp_only_layers [])")
+    # the Hub's configs say num_experts; transformers 5 writes num_local_experts
+    experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+    out = dict(num_experts=experts, moe_topk=hf["num_experts_per_tok"],
+               moe_ffn_hidden_size=hf["moe_intermediate_size"],
+               moe_renormalize=bool(hf.get("norm_topk_prob", False)),
+               moe_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)))
+    if model_type == "qwen2_moe":
+        out.update(moe_shared_expert_ffn_hidden_size=hf["shared_expert_intermediate_size"],
+                   moe_shared_expert_gate=True)
+    return out
 
 
 def from_hf_config(hf: dict) -> HFModelInfo:
@@ -140,6 +178,16 @@ def to_hf_config(info: HFModelInfo) -> dict:
            "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_epsilon,
            "rope_theta": c.rope_theta,
            "rope_parameters": hf_rope_parameters(c.rope_theta, c.rope_scaling)}
-    if info.model_type == "llama":
+    if info.model_type in ("llama", "qwen3", "qwen3_moe"):
         out["attention_bias"] = False
+    if c.is_moe:
+        out.update(num_experts_per_tok=c.moe_topk, router_aux_loss_coef=c.moe_aux_loss_coef)
+        if info.model_type == "mixtral":
+            out.update(num_local_experts=c.num_experts)
+        else:
+            out.update(num_experts=c.num_experts, moe_intermediate_size=c.expert_ffn_hidden_size,
+                       norm_topk_prob=c.moe_renormalize, decoder_sparse_step=1,
+                       mlp_only_layers=[])
+        if c.moe_shared_expert_ffn_hidden_size is not None:
+            out["shared_expert_intermediate_size"] = c.moe_shared_expert_ffn_hidden_size
     return out

@@ -15,6 +15,7 @@ import torch
 from ..seeds import mix_seed
 
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
@@ -26,12 +27,29 @@ def layer_offset(model) -> int:
     return layers[0].layer_number - 1 if len(layers) else 0
 
 
-def global_name(local_name: str, offset: int) -> str:
-    """``decoder.layers.{i}.x`` on a pipeline stage -> ``decoder.layers.{i + offset}.x``."""
+def expert_offset(model) -> int:
+    """Global index of this expert-parallel rank's first expert (0 without experts)."""
+    from .builder import unwrap
+
+    gpt = unwrap(model)
+    experts = getattr(gpt.config, "num_moe_experts", None)
+    group = getattr(gpt.pg_collection, "ep", None)
+    if not experts or group is None:
+        return 0
+    return group.rank() * (experts // group.size())
+
+
+def global_name(local_name: str, offset: int, experts_from: int = 0) -> str:
+    """``decoder.layers.{i}.x`` on a pipeline stage -> ``decoder.layers.{i + offset}.x``; an
+    expert-parallel rank's ``local_experts.{e}`` -> ``local_experts.{e + experts_from}``."""
     match = _LAYER.match(local_name)
     if not match:
         return local_name
-    return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
+    name = f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
+    expert = _EXPERT.match(name) if experts_from else None
+    if expert:
+        name = f"{expert.group(1)}{int(expert.group(2)) + experts_from}{expert.group(3)}"
+    return name
 
 
 def shard(full: torch.Tensor, rank: int, size: int, dim: int, stride: int = 1) -> torch.Tensor:
@@ -84,14 +102,14 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor], strict: bool = Tr
 
     gpt = unwrap(model)
     tp_rank, tp_size = _tp_rank_size(gpt)
-    offset = layer_offset(gpt)
+    offset, experts_from = layer_offset(gpt), expert_offset(gpt)
     tied = gpt.share_embeddings_and_output_weights
     missing = []
     with torch.no_grad():
         for local, tensor in gpt.state_dict(keep_vars=True).items():
             if local.endswith("._extra_state"):
                 continue
-            name = _source_name(global_name(local, offset), full, tied)
+            name = _source_name(global_name(local, offset, experts_from), full, tied)
             if name not in full:
                 missing.append(name)
                 continue
@@ -119,12 +137,12 @@ def local_shards(model, tensors: dict[str, torch.Tensor] | None = None) -> dict[
     from .builder import unwrap
 
     gpt = unwrap(model)
-    offset = layer_offset(gpt)
+    offset, experts_from = layer_offset(gpt), expert_offset(gpt)
     out = {}
     for local, param in gpt.named_parameters():
         value = param.detach() if tensors is None else tensors[local]
         rule = _tp_rule(param)
-        out[global_name(local, offset)] = {
+        out[global_name(local, offset, experts_from)] = {
             "tensor": value.detach().cpu(),
             "rule": rule,
         }
@@ -184,11 +202,11 @@ def seeded_full_weights(model, seed: int) -> dict[str, torch.Tensor]:
     gpt = unwrap(model)
     cfg = gpt.config
     tp_size = gpt.pg_collection.tp.size()
-    offset = layer_offset(gpt)
+    offset, experts_from = layer_offset(gpt), expert_offset(gpt)
     vocab = gpt.model_config.vocab_size
     out = {}
     for local, param in gpt.named_parameters():
-        name = global_name(local, offset)
+        name = global_name(local, offset, experts_from)
         shape = list(param.shape)
         rule = _tp_rule(param)
         if rule:

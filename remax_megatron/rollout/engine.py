@@ -198,9 +198,11 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
         step += 1
         if step == max_new_tokens:
             break
-        if not rows:  # nothing to generate
+        if not rows and fwd.ep_group is None:  # nothing to generate
             break
-        if eos and step % check_every == 0 and bool(finished.all()):
+        # every row finished (here, and with expert parallelism on every rank of the group)
+        if step % check_every == 0 and fwd.all_done(
+                not rows or (bool(eos) and bool(finished.all()))):
             break
         step_positions = (row_prompt_len + step - 1).unsqueeze(1)
         if decode_step is not None:

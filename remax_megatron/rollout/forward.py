@@ -171,6 +171,10 @@ class StageForward:
         self.tp_group = self.gpt.pg_collection.tp
         self.tp_size = dist.get_world_size(self.tp_group)
         self.config = self.gpt.config
+        # a mixture of experts split over data-parallel ranks: every forward is a collective of
+        # the expert-parallel group (its layers exchange tokens), so those ranks step together
+        ep = getattr(self.gpt.pg_collection, "ep", None) if self.config.num_moe_experts else None
+        self.ep_group = ep if ep is not None and ep.size() > 1 else None
         self.layers = [layer for chunk in chunks for layer in chunk.decoder.layers]
         ends = list(itertools.accumulate(len(chunk.decoder.layers) for chunk in chunks))
         self.chunk_layers = [range(start, end) for start, end in zip([0] + ends, ends)]
@@ -190,6 +194,14 @@ class StageForward:
                             else 8 if param.dtype == torch.float32 else 2)
         self._rope_table = None
         self._rope_reserved = False
+
+    def all_done(self, done: bool) -> bool:
+        """Whether this rank, and with expert parallelism every rank of its group, is done."""
+        if self.ep_group is None:
+            return done
+        flag = torch.tensor([0 if done else 1], device=self.device)
+        dist.all_reduce(flag, group=self.ep_group)
+        return int(flag) == 0
 
     def reserve_positions(self, count: int) -> None:
         """Build the RoPE table for positions < ``count`` now: later steps index it without
@@ -296,15 +308,18 @@ class StageForward:
         return apply_rotary_pos_emb(x, rope, self.config)
 
     def _megatron_layer(self, layer, index: int, hidden, rope, attend):
-        """The layer through megatron's own modules (Transformer Engine, fused or other layers)."""
-        attn = layer.self_attention
-        q, k, v = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))
-        if rope is not None:
-            q, k = self._rotate(q, rope), self._rotate(k, rope)
-        out, bias = attn.linear_proj(attend(index, q, k, v))
-        hidden = hidden + (out if bias is None else out + bias)
-        out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
-        return hidden + (out if bias is None else out + bias)
+        """The layer through megatron's own modules (Transformer Engine, fused or other layers);
+        on the CPU with the compatibility layer on (an MoE layer allocates on "the CUDA device"
+        at every call)."""
+        with cpu_compat.active():
+            attn = layer.self_attention
+            q, k, v = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))
+            if rope is not None:
+                q, k = self._rotate(q, rope), self._rotate(k, rope)
+            out, bias = attn.linear_proj(attend(index, q, k, v))
+            hidden = hidden + (out if bias is None else out + bias)
+            out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
+            return hidden + (out if bias is None else out + bias)
 
     def output_weight(self) -> torch.Tensor:
         return (self.head.shared_embedding_or_output_weight()

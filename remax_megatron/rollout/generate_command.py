@@ -1,5 +1,6 @@
 """`remax-megatron generate`: JSONL prompts in, JSONL responses out, as one process or under
-torchrun (tp x pp x dp; each data-parallel rank takes every dp-th prompt)."""
+torchrun (tp x pp x dp; each data-parallel rank takes every dp-th prompt; ep: a mixture of experts'
+experts split over ep of the dp ranks)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class GenerateArgs:
     max_new_tokens: int
     tp: int = 1
     pp: int = 1
+    ep: int = 1
     seed: int = 0
     batch_size: int = 16
     tokenizer: str | None = None
@@ -77,7 +79,7 @@ def run_generate(args: GenerateArgs) -> int:
         raise ConfigError(f"--load {load} is a reward model ({checkpoint.meta.architecture}): "
                           "generate needs a causal LM checkpoint")
     # init_runtime checks this too, but only after the tokenizer has loaded
-    validate_layout(read_launch_env().world_size, args.tp, args.pp, checkpoint.config)
+    validate_layout(read_launch_env().world_size, args.tp, args.pp, checkpoint.config, ep=args.ep)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
     prompts = load_prompts(args.input, tokenizer)  # every rank: cheap, and errors come early
     limit = checkpoint.config.max_position_embeddings
@@ -86,7 +88,8 @@ def run_generate(args: GenerateArgs) -> int:
             raise ConfigError(f"{args.input} row {p.index + 1} has {len(p.ids)} tokens; with "
                               f"--max-new-tokens {args.max_new_tokens} that exceeds the model's "
                               f"{limit} positions: shorten it or lower --max-new-tokens")
-    runtime = init_runtime(tp=args.tp, pp=args.pp, seed=args.seed, model=checkpoint.config)
+    runtime = init_runtime(tp=args.tp, pp=args.pp, seed=args.seed, model=checkpoint.config,
+                           ep=args.ep)
     try:
         model, _ = load_model(load, params_dtype=params_dtype)
         model = model.to(runtime.device)
@@ -96,8 +99,8 @@ def run_generate(args: GenerateArgs) -> int:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         results = []
         start, produced = time.time(), 0
-        batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-        for number, batch in enumerate(batches, start=1):
+        batches = _batches(mine, prompts, dp, args.batch_size, args.ep)
+        for number, (batch, real) in enumerate(batches, start=1):
             ids, mask = left_pad([p.ids for p in batch], pad)
             out = generate(model, ids, mask, continuations=[args.sampling],
                            max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
@@ -105,14 +108,14 @@ def run_generate(args: GenerateArgs) -> int:
                            sample_ids=torch.tensor([p.index for p in batch]), pad_token_id=pad,
                            pipeline_micro_batches=args.pipeline_micro_batches,
                            cuda_graph=args.cuda_graph)
-            for row, prompt in enumerate(batch):
+            for row, prompt in enumerate(batch[:real]):
                 response_ids = out.tokens[row, :int(out.lengths[row])].tolist()
                 results.append({
                     "index": prompt.index, "prompt": prompt.text,
                     "response": tokenizer.decode(response_ids, skip_special_tokens=True),
                     "response_ids": response_ids, "finish_reason": out.finish_reason[row],
                 })
-            produced += int(out.lengths.sum())
+            produced += int(out.lengths[:real].sum())
             log.info("generate: batch %d/%d on dp rank %d, %.1f tokens/s", number, len(batches),
                      dp_rank, produced / max(time.time() - start, 1e-9))
         writer = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage()
@@ -128,6 +131,23 @@ def run_generate(args: GenerateArgs) -> int:
     finally:
         shutdown()
     return 0
+
+
+def _batches(mine: list, prompts: list, dp: int, batch_size: int, ep: int) -> list:
+    """This rank's batches as (prompts, how many of them are real). With expert parallelism
+    every forward is a collective of dp ranks (the MoE layers exchange tokens), so every rank runs
+    as many batches of as many rows as the rank with the most prompts: the rest are filled with
+    copies of the first prompt, whose outputs are dropped."""
+    if ep == 1:
+        return [(mine[i:i + batch_size], len(mine[i:i + batch_size]))
+                for i in range(0, len(mine), batch_size)]
+    most = -(-len(prompts) // dp)  # rank 0's share
+    size = max(1, min(batch_size, most))
+    out = []
+    for i in range(0, most, size):
+        real = mine[i:i + size]
+        out.append((real + [prompts[0]] * (size - len(real)), len(real)))
+    return out
 
 
 def check_numbers(args: GenerateArgs) -> None:

@@ -79,7 +79,51 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
+        if func is torch.distributed.all_to_all_single:
+            args, kwargs = _split_sizes_as_lists(args, kwargs)
+        if func is torch.distributed.all_gather and _uneven(args[0]):
+            return _uneven_all_gather(func, *args, **kwargs)
+        if func is torch.distributed.reduce_scatter and _uneven(args[1]):
+            return _uneven_reduce_scatter(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+# megatron's MoE dispatcher at tp > 1 gathers / reduce-scatters the tokens each tensor-parallel
+# rank received, a different number per rank; gloo needs equal sizes: these pad / all-reduce.
+def _uneven(tensors) -> bool:
+    return isinstance(tensors, (list, tuple)) and len({t.shape for t in tensors}) > 1
+
+
+def _uneven_all_gather(all_gather, outputs, tensor, group=None, async_op=False):
+    rows = max(t.size(0) for t in outputs)
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[:tensor.size(0)] = tensor
+    buffers = [tensor.new_empty((rows, *tensor.shape[1:])) for _ in outputs]
+    all_gather(buffers, padded, group=group)
+    for out, buf in zip(outputs, buffers):
+        out.copy_(buf[:out.size(0)])
+
+
+def _uneven_reduce_scatter(output, inputs, op=None, group=None, async_op=False):
+    import torch.distributed as dist
+
+    whole = torch.cat(inputs)
+    dist.all_reduce(whole, op=op or dist.ReduceOp.SUM, group=group)
+    start = sum(t.size(0) for t in inputs[:dist.get_rank(group)])
+    output.copy_(whole[start:start + output.size(0)])
+
+
+def _split_sizes_as_lists(args, kwargs):
+    """megatron's MoE all-to-all gives its split sizes as what its device-to-host copy made of
+    them: numpy arrays from CUDA tensors, but the tensors themselves when they are already on
+    the CPU (it copies only ``is_cuda`` tensors); torch's binding takes lists of ints."""
+    args = list(args)
+    for index, name in ((2, "output_split_sizes"), (3, "input_split_sizes")):
+        if name in kwargs and torch.is_tensor(kwargs[name]):
+            kwargs[name] = kwargs[name].tolist()
+        elif len(args) > index and torch.is_tensor(args[index]):
+            args[index] = args[index].tolist()
+    return tuple(args), kwargs
 
 
 def _backward_under(mode, func, args, kwargs):

@@ -102,7 +102,7 @@ def seed_everything(seed: int, pp_rank: int = 0) -> None:
 
 
 def init_runtime(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = "auto",
-                 timeout_minutes: float = 30.0, model=None) -> Runtime:
+                 timeout_minutes: float = 30.0, model=None, ep: int = 1) -> Runtime:
     """Initialize torch.distributed and megatron parallel_state; idempotent for the same layout.
 
     ``model`` (a ModelConfig), when given, is checked against the layout before any group is made.
@@ -112,7 +112,7 @@ def init_runtime(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = "aut
 
     env = read_launch_env()
     lifetime.install()  # before megatron starts any helper process
-    layout = validate_layout(env.world_size, tp, pp, model)
+    layout = validate_layout(env.world_size, tp, pp, model, ep=ep)
     backend = choose_backend(backend)
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
@@ -142,13 +142,15 @@ def init_runtime(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str = "aut
             )
     if parallel_state.model_parallel_is_initialized():
         current = (parallel_state.get_tensor_model_parallel_world_size(),
-                   parallel_state.get_pipeline_model_parallel_world_size())
-        if current != (tp, pp):
+                   parallel_state.get_pipeline_model_parallel_world_size(),
+                   parallel_state.get_expert_model_parallel_world_size())
+        if current != (tp, pp, ep):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,  # experts' tensor parallelism: tp (megatron's default)
             distributed_timeout_minutes=timeout_minutes,  # a float works (a timedelta's)
         )
     seed_everything(seed, parallel_state.get_pipeline_model_parallel_rank())

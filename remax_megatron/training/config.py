@@ -27,6 +27,9 @@ class PolicyConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    # expert parallelism (a mixture-of-experts policy): its experts split over ep of the dp ranks,
+    # which exchange tokens in every MoE layer (megatron's all-to-all); ep must divide dp
+    ep: int = 1
     backend: str = "auto"
     # megatron's sequence parallelism (tp >= 2): norms, dropout and residuals work on 1/tp of the
     # sequence, the tensor-parallel all-reduces become reduce-scatter / all-gather pairs; the
@@ -193,7 +196,8 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"data.eval_path={cfg.data.eval_path} does not exist")
     _check_ranges(cfg)
     _check_scale_features(cfg)
-    layout = validate_layout(world_size, cfg.parallel.tp, cfg.parallel.pp, p.model, "policy")
+    layout = validate_layout(world_size, cfg.parallel.tp, cfg.parallel.pp, p.model, "policy",
+                             ep=cfg.parallel.ep)
     validate_layout(world_size, cfg.reward.tp, cfg.reward.pp, None, "reward model",
                     keys=("reward.tp", "reward.pp"))
     for name, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),

@@ -127,6 +127,7 @@ class Trainer:
         self._check_inputs_apart_from_output(removes=overwrite or self.run_dir.resume == "auto")
         self.runtime = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed,
                                     backend=cfg.parallel.backend, model=self.policy.config,
+                                    ep=cfg.parallel.ep,
                                     timeout_minutes=cfg.parallel.timeout_minutes)
         self.heartbeat = Heartbeat(self.runtime.rank, self.runtime.world_size,
                                    cfg.parallel.timeout_minutes)
@@ -244,6 +245,10 @@ class Trainer:
                 f"the policy's {layers} layers do not split into parallel.pp x virtual_pp = "
                 f"{split} chunks of equal size: choose virtual_pp so that pp x virtual_pp "
                 f"divides {layers}")
+        if model.is_moe and cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
+            raise ConfigError(  # megatron's MoE layer refuses to train so
+                f"a mixture-of-experts policy at parallel.tp={cfg.parallel.tp} trains only with "
+                "sequence parallelism: set parallel.sequence_parallel=true")
 
     def _tokenizer(self):
         p = self.cfg.policy

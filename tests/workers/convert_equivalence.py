@@ -56,7 +56,7 @@ def main() -> int:
     parser = layout_parser()
     parser.add_argument("--resave")
     args = parser.parse_args()
-    init_runtime(tp=args.tp, pp=args.pp, timeout_minutes=5)
+    init_runtime(tp=args.tp, pp=args.pp, ep=args.ep, timeout_minutes=5)
     ref = torch.load(args.ref, weights_only=False)
     report = {}
     for name, case in ref["cases"].items():

@@ -38,6 +38,11 @@ CASES = {
     "llama_gqa": dict(reward=False, config=ModelConfig.llama(
         num_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
         ffn_hidden_size=96, vocab_size=100, max_position_embeddings=64, rope_theta=10000.0)),
+    # Qwen3's shape: q/k norms (their grads summed over tp), head_dim not hidden / heads, tied
+    "qwen3_qk_norm": dict(reward=False, config=ModelConfig.llama(
+        num_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        ffn_hidden_size=48, vocab_size=100, max_position_embeddings=64, qk_norm=True,
+        tie_word_embeddings=True)),
     "gpt2_tied": dict(reward=False, config=ModelConfig.gpt2(
         num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=100,
         max_position_embeddings=64)),

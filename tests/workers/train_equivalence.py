@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from remax_megatron.data.loader import share_of
 from remax_megatron.data.prompts import Prompt
-from remax_megatron.models.builder import unwrap
+from remax_megatron.models.builder import sequence_multiple, unwrap
 from remax_megatron.models.sharding import assemble_full, local_shards
 from remax_megatron.rollout.engine import GenerationOutput
 from remax_megatron.training import demo
@@ -68,6 +68,7 @@ def put_per_token(batches, per_response: list[list[float]], key: str) -> None:
 def main() -> int:
     parser = layout_parser()
     parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--sequence-parallel", action="store_true")
     args = parser.parse_args()
     ref = torch.load(args.ref, weights_only=False)
     alg = dict(ref["algorithm"])
@@ -76,7 +77,8 @@ def main() -> int:
     prompts = [Prompt(i, "", ids) for i, ids in enumerate(ref["prompts"])]
     cfg = load_config(None, [
         f"policy.load={ref['checkpoint']}", "policy.model=null", "policy.builtin_tokenizer=false",
-        f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
+        f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"parallel.ep={args.ep}",
+        f"parallel.sequence_parallel={str(args.sequence_parallel).lower()}",
         f"train.global_batch_size={len(prompts)}", "train.micro_batch_size=2",
         f"rollout.n_samples={n}", f"rollout.temperature={temperature}", f"output_dir={Path(args.report).parent / 'run'}",
         "log.tensorboard=false", f"train.dtype={args.dtype}", *[f"algorithm.{k}={v}" for k, v in alg.items()],
@@ -90,7 +92,7 @@ def main() -> int:
     mine_responses = [i * n + j for i, _ in mine for j in range(n)]
     outcome = torch.tensor([ref["outcomes"][r] for r in mine_responses])
     batches, width = micro_batches(trainer.shape, mine, out, outcome, trainer.pad, 2,
-                                   trainer.device)
+                                   trainer.device, width_multiple=sequence_multiple(trainer.ddp))
     if trainer.reference is not None:
         put_per_token(batches, [ref["ref_log_probs"][r] for r in mine_responses], "ref_log_probs")
     if trainer.critic is not None:
@@ -115,9 +117,11 @@ def main() -> int:
     per_rank = [torch.load(exchange / f"grads_{r}.pt", weights_only=False)
                 for r in range(dist.get_world_size())] if dist.get_rank() == 0 else []
     if dist.get_rank() == 0:
+        # the first ep dp ranks hold every expert between them (and the same dense gradients)
         stages: dict = {}
-        for r in sorted((r for r in per_rank if r["dp"] == 0), key=lambda r: (r["pp"], r["tp"])):
-            stages.setdefault(r["pp"], []).append(r["grads"])
+        for r in sorted((r for r in per_rank if r["dp"] < args.ep),
+                        key=lambda r: (r["dp"], r["pp"], r["tp"])):
+            stages.setdefault((r["dp"], r["pp"]), []).append(r["grads"])
         full = {}
         for shards in stages.values():
             full.update(assemble_full(shards, trainer.policy.config.vocab_size))

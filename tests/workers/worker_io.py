@@ -10,12 +10,13 @@ import torch.distributed as dist
 
 
 def layout_parser() -> argparse.ArgumentParser:
-    """--ref (the reference file), --report (JSON written by rank 0), --tp, --pp."""
+    """--ref (the reference file), --report (JSON written by rank 0), --tp, --pp, --ep."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--ref", required=True)
     parser.add_argument("--report", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
     return parser
 
 
