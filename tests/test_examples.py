@@ -14,12 +14,12 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*/con
 def test_example_config_parses(path):
     cfg = load_config(str(path), [])
     assert cfg.policy.load and cfg.reward.load and cfg.data.path
-    world = {"gpt2_124m": 8, "llama2_7b": 16}[path.parent.name]  # one / two 8-GPU nodes
-    validate_layout(world, cfg.parallel.tp, cfg.parallel.pp)
+    world = {"gpt2_124m": 8, "llama2_7b": 16, "qwen3_moe": 16}[path.parent.name]  # 8-GPU nodes
+    validate_layout(world, cfg.parallel.tp, cfg.parallel.pp, ep=cfg.parallel.ep)
     validate_layout(world, cfg.reward.tp, cfg.reward.pp)
     dp = world // (cfg.parallel.tp * cfg.parallel.pp)
     assert cfg.train.global_batch_size % (dp * cfg.train.micro_batch_size) == 0
 
 
 def test_there_are_examples():
-    assert {p.parent.name for p in EXAMPLES} == {"gpt2_124m", "llama2_7b"}
+    assert {p.parent.name for p in EXAMPLES} == {"gpt2_124m", "llama2_7b", "qwen3_moe"}

@@ -140,3 +140,36 @@ def test_expert_parallel_greedy_generation_equals_transformers(converted, tmp_pa
                      "--output", str(tmp_path / "out.jsonl"), "--greedy", "--max-new-tokens",
                      str(NEW), "--batch-size", "2", "--ep", "2"])
     check_output(read_output(tmp_path / "out.jsonl"), expected)
+
+
+# the demo with a tiny Qwen3-MoE-shaped policy: 4 experts of 64, top-2, q/k norms
+MOE_DEMO = ["policy.model.num_experts=4", "policy.model.moe_topk=2",
+            "policy.model.moe_ffn_hidden_size=64", "policy.model.qk_norm=true",
+            "policy.moe_aux_loss_coef=0.01", "parallel.ep=2", "train.steps=4",
+            "checkpoint.save_every=2", "train.global_batch_size=8", "train.micro_batch_size=4",
+            "rollout.max_new_tokens=8"]
+
+
+@pytest.mark.distributed
+def test_expert_parallel_run_resumes_exactly_and_logs_routing(tmp_path):
+    """A ReMax run of an MoE policy at ep2, killed after its step-2 checkpoint and resumed, logs
+    the uninterrupted run's metrics and ends with its weights; every row has the experts' token
+    shares and the load-balancing loss; the checkpoint exports as a Qwen3-MoE model."""
+    from safetensors.torch import load_file
+
+    from conftest import full_and_resumed_runs, run_metrics, same_run
+
+    full, broken = full_and_resumed_runs(MOE_DEMO, tmp_path, nproc=2)
+    rows, resumed = run_metrics(full), run_metrics(broken)
+    same_run(rows, resumed, tol=0.0)
+    for key in ("moe/expert_share_min", "moe/expert_share_max", "moe/aux_loss"):
+        assert [r[key] for r in rows] == [r[key] for r in resumed], key
+    for row in rows:
+        assert 0 < row["moe/expert_share_min"] <= 0.25 <= row["moe/expert_share_max"] < 1
+        assert row["moe/aux_loss"] > 0
+    a = mcore_to_hf(full / "checkpoints" / "step_000004", tmp_path / "a")
+    b = mcore_to_hf(broken / "checkpoints" / "step_000004", tmp_path / "b")
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(".mlp.experts.3.down_proj." in k for k in wa)
+    assert transformers.AutoConfig.from_pretrained(a).architectures == ["Qwen3MoeForCausalLM"]

@@ -158,6 +158,20 @@ def from_hf_config(hf: dict) -> HFModelInfo:
     return HFModelInfo(config=config, architecture=arch, model_type=model_type, is_reward=is_reward)
 
 
+def causal_lm_architecture(c: ModelConfig) -> tuple[str, str]:
+    """(architecture, model_type) that a freshly initialized policy of this shape exports as."""
+    if c.family == "gpt2":
+        return "GPT2LMHeadModel", "gpt2"
+    if c.is_moe:
+        if c.moe_shared_expert_ffn_hidden_size is not None:
+            return "Qwen2MoeForCausalLM", "qwen2_moe"
+        return ("Qwen3MoeForCausalLM", "qwen3_moe") if c.qk_norm else ("MixtralForCausalLM",
+                                                                      "mixtral")
+    if c.qk_norm:
+        return "Qwen3ForCausalLM", "qwen3"
+    return ("Qwen2ForCausalLM", "qwen2") if c.add_qkv_bias else ("LlamaForCausalLM", "llama")
+
+
 def to_hf_config(info: HFModelInfo) -> dict:
     """A config.json dict that transformers builds ``info.architecture`` from."""
     c = info.config
@@ -182,8 +196,8 @@ def to_hf_config(info: HFModelInfo) -> dict:
         out["attention_bias"] = False
     if c.is_moe:
         out.update(num_experts_per_tok=c.moe_topk, router_aux_loss_coef=c.moe_aux_loss_coef)
-        if info.model_type == "mixtral":
-            out.update(num_local_experts=c.num_experts)
+        if info.model_type == "mixtral":  # its experts' size is intermediate_size
+            out.update(num_local_experts=c.num_experts, intermediate_size=c.expert_ffn_hidden_size)
         else:
             out.update(num_experts=c.num_experts, moe_intermediate_size=c.expert_ffn_hidden_size,
                        norm_topk_prob=c.moe_renormalize, decoder_sparse_step=1,

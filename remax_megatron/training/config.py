@@ -21,6 +21,9 @@ class PolicyConfig:
     model: Optional[ModelConfig] = None  # or a fresh randomly initialized model (the demo)
     tokenizer: Optional[str] = None  # default: the checkpoint's tokenizer/
     builtin_tokenizer: bool = False  # the demo's in-process tokenizer
+    # a mixture-of-experts policy's load-balancing loss weight (megatron's switch loss, per MoE
+    # layer); None: the model's own (its HF config's router_aux_loss_coef); 0: off
+    moe_aux_loss_coef: Optional[float] = None
 
 
 @dataclass
@@ -258,6 +261,10 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("log.eval_every", lg.eval_every, lg.eval_every >= 0, ">= 0"),
         ("rollout.top_k", cfg.rollout.top_k, cfg.rollout.top_k >= 0, ">= 0 (0: off)"),
         ("reward.tp", cfg.reward.tp, cfg.reward.tp >= 1, ">= 1"),
+        ("parallel.ep", cfg.parallel.ep, cfg.parallel.ep >= 1, ">= 1"),
+        ("policy.moe_aux_loss_coef", cfg.policy.moe_aux_loss_coef,
+         cfg.policy.moe_aux_loss_coef is None or 0 <= cfg.policy.moe_aux_loss_coef < 1e3,
+         "in [0, 1000) (0: off; unset: the model's own)"),
         ("reward.pp", cfg.reward.pp, cfg.reward.pp >= 1, ">= 1"),
     ]
     for name, value, ok, rule in rules:

@@ -42,6 +42,10 @@ def describe_critic(load: str | None, reward_load: str | None, policy_config, po
     check that it can read the policy's tokens."""
     path = reward_load if load is None else (None if load == "policy" else load)
     if path is None:
+        if policy_config.is_moe:
+            raise ConfigError("a critic from a mixture-of-experts policy is not supported: give "
+                              "critic.load (or reward.load) a dense reward model, or use an "
+                              "algorithm without a critic (remax, grpo, rloo, reinforce)")
         arch = {t: a for a, t in REWARD.items()}[policy_meta.model_type]
         meta = CheckpointMeta(kind="reward", architecture=arch, model_type=policy_meta.model_type,
                               dtype=policy_meta.dtype, vocab_size=policy_vocab,

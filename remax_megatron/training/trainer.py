@@ -28,9 +28,10 @@ from ..models.builder import (
     unwrap,
 )
 from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_checkpoint
-from ..models.hf_config import HFModelInfo, to_hf_config
+from ..models.hf_config import HFModelInfo, causal_lm_architecture, to_hf_config
 from ..models.locate import resolve_checkpoint
 from ..models.sharding import load_full_state_dict, seeded_full_weights
+from .routing import RoutingStats
 from ..ops.logprobs import frame_log_probs
 from ..path_checks import check_apart, overlap
 from ..rollout.engine import generate
@@ -178,6 +179,7 @@ class Trainer:
         self.reference = (self._build_reference() if self.alg.uses_reference(cfg.algorithm)
                           else None)
         self.ddp = wrap_ddp(self.model, cfg.train.use_distributed_optimizer)
+        self.routing = RoutingStats(self.model, self.device) if self.policy.config.is_moe else None
         t = cfg.train
         self.optimizer = build_optimizer(self.ddp, self._optimizer_settings(t.lr, t.min_lr))
         self.scheduler = build_scheduler(self.optimizer, t.lr, t.min_lr, t.warmup_steps,
@@ -219,9 +221,9 @@ class Trainer:
             hf = ckpt.hf_config or to_hf_config(HFModelInfo(
                 ckpt.config, ckpt.meta.architecture, ckpt.meta.model_type, False))
             return Policy(ckpt.config, ckpt.meta, hf)
-        arch = "GPT2LMHeadModel" if p.model.family == "gpt2" else "LlamaForCausalLM"
-        info = HFModelInfo(p.model, arch, p.model.family, False)
-        meta = CheckpointMeta(kind="policy", architecture=arch, model_type=p.model.family,
+        arch, model_type = causal_lm_architecture(p.model)
+        info = HFModelInfo(p.model, arch, model_type, False)
+        meta = CheckpointMeta(kind="policy", architecture=arch, model_type=model_type,
                               dtype="fp32", vocab_size=p.model.vocab_size, source="random init")
         return Policy(p.model, meta, to_hf_config(info))
 
@@ -311,6 +313,9 @@ class Trainer:
             chunks = build_chunks(p.model, vpp, perform_initialization=False, **scale)
             for chunk in chunks:
                 load_full_state_dict(chunk, seeded_full_weights(chunk, self.cfg.train.seed))
+        if p.moe_aux_loss_coef is not None:  # the routers read it at every training forward
+            for chunk in chunks:
+                unwrap(chunk).config.moe_aux_loss_coeff = p.moe_aux_loss_coef
         return [self._precision(chunk) for chunk in chunks]
 
     def _precision(self, model):
@@ -575,6 +580,8 @@ class Trainer:
         exp = self.make_experience()
         policy, critic = [], []
         fp16 = self.dtype == torch.float16
+        if self.routing is not None:
+            self.routing.reset()
         for _ in range(alg.ppo_epochs or 1):
             for mini in mini_batches(exp.batches, alg.mini_batches or 1):
                 policy.append(update(self.ddp, self.optimizer, mini, self._loss, exp.width, mbs,
@@ -595,8 +602,11 @@ class Trainer:
         t_train = time.time()
         self.step += 1
         start, t_rollout, t_reward, critic_seconds = exp.times
-        return self._metrics(exp.out, exp.sampled, exp.greedy, policy, critic,
-                             (start, t_rollout, t_reward, t_train, critic_seconds), lrs)
+        metrics = self._metrics(exp.out, exp.sampled, exp.greedy, policy, critic,
+                                (start, t_rollout, t_reward, t_train, critic_seconds), lrs)
+        if self.routing is not None:
+            metrics.update(self.routing.metrics(len(exp.batches) * (alg.ppo_epochs or 1)))
+        return metrics
 
     def _metrics(self, out, sampled, greedy, policy, critic, times, lrs) -> dict:
         from megatron.core import parallel_state as ps
