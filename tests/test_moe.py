@@ -166,10 +166,67 @@ def test_expert_parallel_run_resumes_exactly_and_logs_routing(tmp_path):
         assert [r[key] for r in rows] == [r[key] for r in resumed], key
     for row in rows:
         assert 0 < row["moe/expert_share_min"] <= 0.25 <= row["moe/expert_share_max"] < 1
-        assert row["moe/aux_loss"] > 0
+        assert row["moe/aux_loss"] > 0 and row["moe/routing_mismatch"] < 0.01
     a = mcore_to_hf(full / "checkpoints" / "step_000004", tmp_path / "a")
     b = mcore_to_hf(broken / "checkpoints" / "step_000004", tmp_path / "b")
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(".mlp.experts.3.down_proj." in k for k in wa)
     assert transformers.AutoConfig.from_pretrained(a).architectures == ["Qwen3MoeForCausalLM"]
+
+
+def test_a_forced_expert_choice_is_the_mixture_of_those_experts(megatron_runtime):
+    """A router's Choice with a target: the layer's output is, per token, the softmax of the
+    router's logits over the given experts weighting those experts' SwiGLU outputs (plain
+    torch); without one, the choice recorded is the top-k of the logits."""
+    import torch.nn.functional as F
+
+    from remax_megatron.models.builder import build_model
+    from remax_megatron.models.config import ModelConfig
+    from remax_megatron.rollout.routes import routers
+    from remax_megatron.runtime import cpu_compat
+
+    config = ModelConfig.llama(num_layers=1, hidden_size=32, num_attention_heads=4,
+                               ffn_hidden_size=48, vocab_size=64, max_position_embeddings=16,
+                               num_experts=4, moe_topk=2)
+    model = build_model(config)
+    mlp, router = model.decoder.layers[0].mlp, routers(model)[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, 32, generator=g)
+    target = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(10)])
+    logits = x.reshape(10, 32) @ router.weight.t()
+    with torch.no_grad(), cpu_compat.active():
+        router.router_replay.target = target
+        forced, _ = mlp(x)
+        router.router_replay.target, seen = None, []
+        router.router_replay.sink = seen.append
+        mlp(x)
+        router.router_replay.sink = None
+    assert torch.equal(seen[0].sort(-1).values, logits.topk(2, -1).indices.sort(-1).values)
+    want = torch.zeros(10, 32)
+    for t in range(10):
+        weights = torch.softmax(logits[t, target[t]], -1)
+        for w, e in zip(weights, target[t].tolist()):
+            expert = mlp.experts.local_experts[e]
+            gate, up = (x.reshape(10, 32)[t] @ expert.linear_fc1.weight.t()).chunk(2)
+            want[t] += w * (F.silu(gate) * up) @ expert.linear_fc2.weight.t()
+    assert torch.allclose(forced.reshape(10, 32), want, atol=1e-5)
+
+
+def test_routing_replay_in_fp32_changes_nothing_where_the_choices_agree(tmp_path):
+    """fp32 rollouts and training forwards route the same (moe/routing_mismatch below 1%: a
+    misaligned record would disagree on most tokens); replaying those choices then gives the
+    very same run, so the replay hands each token its own experts."""
+    from conftest import run_metrics
+
+    runs = {}
+    for replay in ("false", "true"):
+        run = tmp_path / replay
+        run_python(["-m", "remax_megatron", "train", "--output-dir", str(run),
+                    *[a for a in MOE_DEMO if not a.startswith(("parallel.ep", "checkpoint"))],
+                    "train.steps=2", f"rollout.routing_replay={replay}"])
+        runs[replay] = run_metrics(run)
+    for off, on in zip(runs["false"], runs["true"]):
+        assert off["moe/routing_mismatch"] < 0.01 and "moe/routing_mismatch" not in on
+        for key in ("loss", "grad_norm", "logprob_mismatch", "moe/expert_share_max"):
+            assert off[key] == on[key], key

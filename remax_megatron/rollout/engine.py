@@ -70,7 +70,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
              eos_token_ids: Sequence[int] = (), vocab_size: int | None = None, seed: int = 0,
              sample_ids: torch.Tensor | None = None, pad_token_id: int = 0,
              pipeline_micro_batches: int = 0, cuda_graph: bool = True,
-             tempered_log_probs: bool = False) -> GenerationOutput:
+             tempered_log_probs: bool = False, routes=None) -> GenerationOutput:
     """Generate ``len(continuations)`` continuations of every prompt, the prompt prefilled once.
 
     Args:
@@ -98,6 +98,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         tempered_log_probs: record each sampled row's log-probs under softmax(logits / its
             temperature), the distribution it was drawn from before top-k / top-p (what the
             trainer trains with rollout.tempered_log_probs), instead of softmax(logits).
+        routes: a mixture-of-experts policy's RolloutRoutes (rollout/routes.py), told which rows
+            each forward computes, to record every token's experts.
     """
     gpt = unwrap(model)
     cfg = gpt.config
@@ -117,7 +119,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
             return _generate(model, prompt_ids, prompt_mask, list(continuations),
                              max_new_tokens, set(int(e) for e in eos_token_ids), vocab_size,
                              seed, sample_ids, pad_token_id, cfg, pipeline_micro_batches,
-                             cuda_graph, tempered_log_probs)
+                             cuda_graph and routes is None, tempered_log_probs, routes)
     finally:
         for chunk, mode in zip(chunks, was_training):
             chunk.train(mode)
@@ -125,7 +127,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
 
 def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos, vocab_size, seed,
               sample_ids, pad_token_id, cfg, micro_batches, cuda_graph,
-              tempered_log_probs) -> GenerationOutput:
+              tempered_log_probs, routes=None) -> GenerationOutput:
     fwd = StageForward(model)
     pipe = fwd.pipe
     device = fwd.device
@@ -150,9 +152,13 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
                             torch.zeros_like(prompt_mask)).max(-1).values
     positions = position_ids(prompt_mask)
     # one prefill per prompt serves all k continuations of it
-    logits = _last_stage_logits(fwd, vocab_size, [
-        fwd.hidden(prompt_ids[g], positions[g], _prefill_attend(cache, g), pick=last_real[g])
-        for g in prefill_groups])
+    def prefill(g: slice):
+        if routes is not None:
+            routes.prefill(g)
+        return fwd.hidden(prompt_ids[g], positions[g], _prefill_attend(cache, g),
+                          pick=last_real[g])
+
+    logits = _last_stage_logits(fwd, vocab_size, [prefill(g) for g in prefill_groups])
     if logits is not None:
         logits = logits.repeat_interleave(k, dim=0)
 
@@ -175,6 +181,12 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
 
     def rows_of(prompts: slice) -> slice:  # rows are prompt-major
         return slice(prompts.start * k, prompts.stop * k)
+
+    def decode(g: slice, step: int, chosen, step_positions):
+        if routes is not None:
+            routes.decode(step, rows_of(g))
+        return fwd.hidden(chosen[rows_of(g)].unsqueeze(1), step_positions[rows_of(g)],
+                          _decode_attend(cache, step - 1, g))
 
     step = 0
     while True:
@@ -209,9 +221,7 @@ def _generate(model, prompt_ids, prompt_mask, continuations, max_new_tokens, eos
             logits = decode_step(chosen.unsqueeze(1), step_positions, step - 1)
             continue
         logits = _last_stage_logits(fwd, vocab_size, [
-            fwd.hidden(chosen[rows_of(g)].unsqueeze(1), step_positions[rows_of(g)],
-                       _decode_attend(cache, step - 1, g))
-            for g in decode_groups])
+            decode(g, step, chosen, step_positions) for g in decode_groups])
 
     log_probs = pipe.from_last(log_probs)
     if not eos:

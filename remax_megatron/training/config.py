@@ -86,6 +86,10 @@ class RolloutConfig:
     # do the same); false: of softmax(logits) whatever the temperature, so that at T != 1 the
     # samples come from another distribution than the one trained (see the README)
     tempered_log_probs: bool = True
+    # a mixture-of-experts policy: its training forwards take the experts the rollout chose for
+    # each token (Rollout Routing Replay) instead of routing again, where rounding may choose
+    # others; off, moe/routing_mismatch counts the tokens routed differently
+    routing_replay: bool = False
 
 
 @dataclass

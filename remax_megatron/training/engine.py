@@ -101,8 +101,10 @@ def build_optimizer(ddp_model, settings: OptimizerSettings):
     return optimizer
 
 
-def _forward_step(loss_fn: Callable, data_iterator, model):
+def _forward_step(loss_fn: Callable, before_forward, data_iterator, model):
     batch = next(data_iterator)
+    if before_forward is not None:
+        before_forward(batch)
     with output_layer_at(model, batch.get("logit_positions")):
         output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
     return output, partial(loss_fn, batch=batch)
@@ -149,13 +151,15 @@ def output_layer_at(model, positions: torch.Tensor | None):
 
 
 def forward_backward(model, batches: Iterable[dict], loss_fn: Callable, seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False) -> list[dict]:
+                     micro_batch_size: int, forward_only: bool = False,
+                     before_forward: Callable | None = None) -> list[dict]:
     """Run every micro-batch in ``batches`` through megatron's schedule.
 
     Each batch holds ``input_ids`` and ``position_ids`` [mbs, seq] (the same on every stage;
     ``seq`` may differ between micro-batches, up to ``seq_length``), optionally
     ``logit_positions`` (see output_layer_at), and whatever ``loss_fn`` reads. ``model``: one
     model, or a list of virtual pipeline chunks (megatron's interleaved schedule).
+    ``before_forward(batch)`` runs before each micro-batch's forward (on every stage).
     Returns the metrics dicts ``loss_fn`` produced (last pipeline stage; empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -177,7 +181,7 @@ def forward_backward(model, batches: Iterable[dict], loss_fn: Callable, seq_leng
         forward_backward_func = get_forward_backward_func(pp_size=pp, vp_size=len(chunks))
         data = [iter(batches) for _ in chunks]  # every chunk reads each micro-batch once
     return forward_backward_func(
-        forward_step_func=partial(_forward_step, loss_fn),
+        forward_step_func=partial(_forward_step, loss_fn, before_forward),
         data_iterator=data,
         model=chunks,
         num_microbatches=len(batches),
@@ -210,7 +214,7 @@ def _interleave(chunks: list, micro_batches: int, pp: int) -> None:
 
 
 def forward_only(model, batches: list[dict], record: Callable, seq_length: int,
-                 micro_batch_size: int) -> None:
+                 micro_batch_size: int, before_forward: Callable | None = None) -> None:
     """One no-grad forward of every micro-batch; ``record(output, batch)`` stores what it needs
     in ``batch`` (last pipeline stage: where the output is)."""
 
@@ -222,7 +226,8 @@ def forward_only(model, batches: list[dict], record: Callable, seq_length: int,
         for chunk in model_chunks(model):
             chunk.config.calculate_per_token_loss = True
         forward_backward(model, batches, capture, seq_length=seq_length,
-                         micro_batch_size=micro_batch_size, forward_only=True)
+                         micro_batch_size=micro_batch_size, forward_only=True,
+                         before_forward=before_forward)
 
 
 def grads_finite(ddp_model) -> bool:
@@ -237,7 +242,8 @@ def grads_finite(ddp_model) -> bool:
 
 
 def update(ddp_model, optimizer, batches: list[dict], loss_fn: Callable, seq_length: int,
-           micro_batch_size: int, fp16: bool = False) -> tuple[bool, float]:
+           micro_batch_size: int, fp16: bool = False,
+           before_forward: Callable | None = None) -> tuple[bool, float]:
     """Forward/backward over ``batches`` and one optimizer step, unless a gradient is non-finite
     somewhere (then the gradients are dropped and the weights stay as they were; under fp16
     megatron's loss scaler makes that call). Returns (applied, grad norm)."""
@@ -248,7 +254,7 @@ def update(ddp_model, optimizer, batches: list[dict], loss_fn: Callable, seq_len
     # the next backward would then add the first micro-batch's gradient twice.
     optimizer.zero_grad()
     forward_backward(ddp_model, batches, loss_fn, seq_length=seq_length,
-                     micro_batch_size=micro_batch_size)
+                     micro_batch_size=micro_batch_size, before_forward=before_forward)
     applied, grad_norm = False, float("nan")
     if fp16 or grads_finite(ddp_model):
         applied, grad_norm, _ = optimizer.step()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..reward import Scored
+from ..rollout.routes import batch_routes
 from ..rollout.sampling import GREEDY, SamplingParams
 
 
@@ -59,7 +60,8 @@ def split_rewards(shape: RolloutShape, rewards: torch.Tensor):
 
 def micro_batches(shape: RolloutShape, mine, out, outcome: torch.Tensor, pad_id: int,
                   micro_batch_size: int, device, groups: int = 1,
-                  by_length: bool = True, width_multiple: int = 1) -> tuple[list[dict], int]:
+                  by_length: bool = True, width_multiple: int = 1,
+                  routes=None) -> tuple[list[dict], int]:
     """The sampled responses as right-padded [prompt; response] rows split into micro-batches.
 
     Per row: ``loss_mask`` marks the response tokens in the next-token-prediction frame (position
@@ -73,8 +75,9 @@ def micro_batches(shape: RolloutShape, mine, out, outcome: torch.Tensor, pad_id:
     membership must not change), rows are ordered by length, so each micro-batch holds rows of
     similar length and is only as wide as its longest row (rounded up to ``width_multiple``);
     the loss is a global sum over rows, so only the summation order changes. Otherwise rows stay
-    in rollout order, every micro-batch as wide as the longest row of all. Returns the
-    micro-batches and the widest one's width.
+    in rollout order, every micro-batch as wide as the longest row of all. ``routes`` (a
+    mixture-of-experts rollout's RolloutRoutes) adds each micro-batch's recorded experts,
+    ``routes`` {layer: [width, rows, k]}. Returns the micro-batches and the widest one's width.
     """
     rows = shape.sampled_rows(len(mine))
     tokens, lengths, log_probs = out.tokens.tolist(), out.lengths.tolist(), out.log_probs.cpu()
@@ -110,6 +113,9 @@ def micro_batches(shape: RolloutShape, mine, out, outcome: torch.Tensor, pad_id:
             "outcome": outcome[chosen].to(device),
             "rows": torch.tensor(chosen, device=device),
         })
+        if routes is not None:
+            batches[-1]["routes"] = batch_routes(
+                [routes.row(rows[i], lengths[rows[i]]) for i in chosen], width)
     return batches, max(b["input_ids"].size(1) for b in batches)
 
 

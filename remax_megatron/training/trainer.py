@@ -7,6 +7,7 @@ become per-token advantages, the loss) lives in remax_megatron/algorithms, one s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import resource
@@ -31,6 +32,7 @@ from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_ch
 from ..models.hf_config import HFModelInfo, causal_lm_architecture, to_hf_config
 from ..models.locate import resolve_checkpoint
 from ..models.sharding import load_full_state_dict, seeded_full_weights
+from ..rollout.routes import RolloutRoutes, TrainingRoutes
 from .routing import RoutingStats
 from ..ops.logprobs import frame_log_probs
 from ..path_checks import check_apart, overlap
@@ -179,7 +181,10 @@ class Trainer:
         self.reference = (self._build_reference() if self.alg.uses_reference(cfg.algorithm)
                           else None)
         self.ddp = wrap_ddp(self.model, cfg.train.use_distributed_optimizer)
-        self.routing = RoutingStats(self.model, self.device) if self.policy.config.is_moe else None
+        moe = self.policy.config.is_moe
+        self.routing = RoutingStats(self.model, self.device) if moe else None
+        self.routes = TrainingRoutes(self.model, cfg.rollout.routing_replay) if moe else None
+        self._rollout_routes = None
         t = cfg.train
         self.optimizer = build_optimizer(self.ddp, self._optimizer_settings(t.lr, t.min_lr))
         self.scheduler = build_scheduler(self.optimizer, t.lr, t.min_lr, t.warmup_steps,
@@ -247,6 +252,13 @@ class Trainer:
                 f"the policy's {layers} layers do not split into parallel.pp x virtual_pp = "
                 f"{split} chunks of equal size: choose virtual_pp so that pp x virtual_pp "
                 f"divides {layers}")
+        if cfg.rollout.routing_replay and not model.is_moe:
+            raise ConfigError("rollout.routing_replay needs a mixture-of-experts policy (it "
+                              "replays the rollout's expert choices): turn it off")
+        if cfg.rollout.routing_replay and cfg.train.recompute == "full" and cfg.parallel.pp > 1:
+            raise ConfigError(  # a recomputed layer would route with a later micro-batch's choice
+                "rollout.routing_replay with train.recompute=full needs parallel.pp=1: use "
+                "recompute=selective, or pp=1")
         if model.is_moe and cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
             raise ConfigError(  # megatron's MoE layer refuses to train so
                 f"a mixture-of-experts policy at parallel.tp={cfg.parallel.tp} trains only with "
@@ -395,7 +407,9 @@ class Trainer:
         r = self.cfg.rollout
         sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         ids, mask = left_pad([p.ids for _, p in mine], self.pad)
-        with sequence_parallel_off(self.ddp):  # the KV-cached walk works on whole sequences
+        if self.routes is not None:  # every token's experts, for the training forwards
+            self._rollout_routes = RolloutRoutes(self.model, mask, self.shape.k, r.max_new_tokens)
+        with sequence_parallel_off(self.ddp), self._recording():
             return generate(self.ddp, ids, mask,
                             continuations=self.shape.continuations(sampling),
                             max_new_tokens=r.max_new_tokens, eos_token_ids=self.eos,
@@ -404,7 +418,20 @@ class Trainer:
                             sample_ids=torch.tensor([uid for uid, _ in mine]),
                             pad_token_id=self.pad,
                             pipeline_micro_batches=r.pipeline_micro_batches,
-                            cuda_graph=r.cuda_graph, tempered_log_probs=r.tempered_log_probs)
+                            cuda_graph=r.cuda_graph, tempered_log_probs=r.tempered_log_probs,
+                            routes=self._rollout_routes)
+
+    @contextlib.contextmanager
+    def _recording(self):
+        try:
+            yield
+        finally:
+            if self._rollout_routes is not None:
+                self._rollout_routes.close()
+
+    def _before_forward(self):
+        """What the policy's training-layout forwards run first (an MoE policy's routes)."""
+        return None if self.routes is None else self.routes.before_forward
 
     def _log_probs(self, output, batch, with_entropy: bool = False):
         r = self.cfg.rollout
@@ -430,7 +457,8 @@ class Trainer:
 
         for chunk in self.ddp:
             chunk.eval()  # as in the rollout
-        forward_only(self.ddp, batches, record, width, self.cfg.train.micro_batch_size)
+        forward_only(self.ddp, batches, record, width, self.cfg.train.micro_batch_size,
+                     before_forward=self._before_forward())
 
     def _advantages(self, batch: dict, old_log_probs: torch.Tensor) -> torch.Tensor:
         """The batch's per-token advantages (and PPO's returns, for the critic), made once per
@@ -508,7 +536,9 @@ class Trainer:
 
         batches, width = micro_batches(self.shape, mine, out, outcome, self.pad, mbs, self.device,
                                        groups=alg.mini_batches or 1,
-                                       width_multiple=sequence_multiple(self.ddp))
+                                       width_multiple=sequence_multiple(self.ddp),
+                                       routes=self._rollout_routes)
+        self._rollout_routes = None
         self._experience = torch.zeros(len(EXPERIENCE_STATS), dtype=torch.float64,
                                        device=self.device)
         self._update_stats = torch.zeros(len(UPDATE_STATS), device=self.device)
@@ -582,10 +612,11 @@ class Trainer:
         fp16 = self.dtype == torch.float16
         if self.routing is not None:
             self.routing.reset()
+            self.routes.counts.zero_()
         for _ in range(alg.ppo_epochs or 1):
             for mini in mini_batches(exp.batches, alg.mini_batches or 1):
                 policy.append(update(self.ddp, self.optimizer, mini, self._loss, exp.width, mbs,
-                                     fp16))
+                                     fp16, before_forward=self._before_forward()))
                 if self.critic is not None:
                     tick = time.time()
                     critic.append(self.critic.update(mini, exp.width, mbs))
@@ -605,7 +636,12 @@ class Trainer:
         metrics = self._metrics(exp.out, exp.sampled, exp.greedy, policy, critic,
                                 (start, t_rollout, t_reward, t_train, critic_seconds), lrs)
         if self.routing is not None:
+            self.routes.after()
             metrics.update(self.routing.metrics(len(exp.batches) * (alg.ppo_epochs or 1)))
+            if not self.cfg.rollout.routing_replay:  # (replayed: the rollout's by design)
+                counts = self.routes.counts.to(self.device)
+                dist.all_reduce(counts)
+                metrics["moe/routing_mismatch"] = counts[0].item() / max(counts[1].item(), 1.0)
         return metrics
 
     def _metrics(self, out, sampled, greedy, policy, critic, times, lrs) -> dict:
