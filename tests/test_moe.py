@@ -167,6 +167,15 @@ def test_expert_parallel_run_resumes_exactly_and_logs_routing(tmp_path):
     for row in rows:
         assert 0 < row["moe/expert_share_min"] <= 0.25 <= row["moe/expert_share_max"] < 1
         assert row["moe/aux_loss"] > 0 and row["moe/routing_mismatch"] < 0.01
+    # the same first step on one process: the same rollout, loss and expert shares (tokens only,
+    # whatever each rank's padding). Not the gradients: megatron's load-balancing loss is taken
+    # per micro-batch, and the micro-batches differ with dp
+    single = tmp_path / "single"
+    run_python(["-m", "remax_megatron", "train", "--output-dir", str(single),
+                *[a for a in MOE_DEMO if a != "parallel.ep=2"], "train.steps=1"])
+    (one,) = run_metrics(single)
+    for key in ("reward/sampled", "loss", "moe/expert_share_min", "moe/expert_share_max"):
+        assert abs(rows[0][key] - one[key]) <= 1e-6 * max(1.0, abs(one[key])), key
     a = mcore_to_hf(full / "checkpoints" / "step_000004", tmp_path / "a")
     b = mcore_to_hf(broken / "checkpoints" / "step_000004", tmp_path / "b")
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))

@@ -184,6 +184,7 @@ CASES = {
     # megatron trains MoE layers at tp > 1 only with sequence parallelism
     "tp2_ep2_sp_mixtral_paper": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel"], "paper",
                                  "MixtralForCausalLM"),
+    "pp2_ep2_qwen3_moe_paper": (4, ["--pp", "2", "--ep", "2"], "paper", "Qwen3MoeForCausalLM"),
     "tp2_ep2_sp_qwen3_moe_grpo": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel"], "grpo",
                                   "Qwen3MoeForCausalLM"),
 }

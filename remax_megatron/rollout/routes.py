@@ -146,15 +146,18 @@ class TrainingRoutes:
         self.sequence_parallel = config.sequence_parallel
         self.tp = unwrap(model).pg_collection.tp
         self.counts = torch.zeros(2, dtype=torch.float64)  # differing, compared
+        self.known: dict[int, torch.Tensor] = {}  # this forward's recorded tokens, per layer
 
     def before_forward(self, batch: dict) -> None:
         routes = batch.get("routes")
+        self.known = {}
         for index, router in self.routers.items():
             choice = router.router_replay
             choice.target, choice.sink = None, None
             if routes is None:
                 continue
             want = self._local(routes[index]).to(router.weight.device)
+            self.known[index] = want[:, 0] >= 0
             if self.replay:
                 choice.target = want
             else:
@@ -176,5 +179,6 @@ class TrainingRoutes:
         return compare
 
     def after(self) -> None:
+        self.known = {}
         for router in self.routers.values():
             router.router_replay.target, router.router_replay.sink = None, None

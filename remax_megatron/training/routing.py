@@ -1,9 +1,10 @@
 """What a mixture-of-experts policy's routers did during an update: each expert's share of the
 routed tokens per layer (a forward hook on every router, counting only forwards that build a
 graph, i.e. the training passes) and megatron's load-balancing loss (its aux-loss tracker, filled
-only when the loss's coefficient is above 0). Shares count every routed position of the training
-micro-batches, prompt and padding positions included; 1 / num_experts each is perfect balance, a
-share near 0 for some expert and far above 1 / num_experts for another is routing collapse."""
+only when the loss's coefficient is above 0). Shares count the prompt and response tokens of the
+training micro-batches (``known(layer)``: which of a forward's positions are tokens, not padding);
+1 / num_experts each is perfect balance, a share near 0 for some expert and far above
+1 / num_experts for another is routing collapse."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from ..models.builder import model_chunks, unwrap
 
 
 class RoutingStats:
-    def __init__(self, model, device):
+    def __init__(self, model, device, known=None):
         from megatron.core.transformer.moe.router import TopKRouter
 
         gpt = unwrap(model)
         self.experts = gpt.config.num_moe_experts
         self.layers = gpt.config.num_layers
         self.counts = torch.zeros(self.layers, self.experts, dtype=torch.float64, device=device)
+        self.known = known or (lambda index: None)
         self.handles = []
         for chunk in model_chunks(model):
             for layer in unwrap(chunk).decoder.layers:
@@ -33,6 +35,9 @@ class RoutingStats:
         def count(_module, _inputs, output):
             if torch.is_grad_enabled():  # a training forward, not rollout or log-prob passes
                 routing_map = output[1]  # [tokens, experts], True where a token goes
+                tokens = self.known(index)
+                if tokens is not None:
+                    routing_map = routing_map[tokens.to(routing_map.device)]
                 self.counts[index] += routing_map.sum(0).to(self.counts.dtype)
         return count
 

@@ -32,12 +32,11 @@ from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_ch
 from ..models.hf_config import HFModelInfo, causal_lm_architecture, to_hf_config
 from ..models.locate import resolve_checkpoint
 from ..models.sharding import load_full_state_dict, seeded_full_weights
-from ..rollout.routes import RolloutRoutes, TrainingRoutes
-from .routing import RoutingStats
 from ..ops.logprobs import frame_log_probs
 from ..path_checks import check_apart, overlap
 from ..rollout.engine import generate
 from ..rollout.generate_command import left_pad
+from ..rollout.routes import RolloutRoutes, TrainingRoutes
 from ..rollout.sampling import GREEDY, SamplingParams
 from ..runtime.distributed import agreed, init_runtime, read_launch_env, shutdown
 from ..runtime.heartbeat import Heartbeat
@@ -60,6 +59,7 @@ from .experience import (
 )
 from .memory import format_states, model_state_bytes
 from .metrics import MetricsLogger
+from .routing import RoutingStats
 from .run_dir import RunDirectory, newest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -182,8 +182,9 @@ class Trainer:
                           else None)
         self.ddp = wrap_ddp(self.model, cfg.train.use_distributed_optimizer)
         moe = self.policy.config.is_moe
-        self.routing = RoutingStats(self.model, self.device) if moe else None
         self.routes = TrainingRoutes(self.model, cfg.rollout.routing_replay) if moe else None
+        self.routing = (RoutingStats(self.model, self.device,
+                                     lambda layer: self.routes.known.get(layer)) if moe else None)
         self._rollout_routes = None
         t = cfg.train
         self.optimizer = build_optimizer(self.ddp, self._optimizer_settings(t.lr, t.min_lr))
