@@ -177,14 +177,15 @@ def full_and_resumed_runs(train_args: list[str], root: Path, nproc: int = 1,
 def nothing_built(monkeypatch):
     """Any attempt to start the runtime or build a model (or write to the output directory)
     fails the test: for checks that must come first."""
+    from remax_megatron.training import policy as policy_module
     from remax_megatron.training import trainer as trainer_module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model or process group was built before the config was checked")
 
     monkeypatch.setattr(trainer_module, "init_runtime", forbidden)
-    monkeypatch.setattr(trainer_module, "build_chunks", forbidden)
-    monkeypatch.setattr(trainer_module, "load_model", forbidden)
+    monkeypatch.setattr(policy_module, "build_chunks", forbidden)
+    monkeypatch.setattr(policy_module, "load_model", forbidden)
     monkeypatch.setattr(trainer_module.RunDirectory, "prepare", forbidden)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +21,11 @@ from ..algorithms.common import whiten
 from ..config_io import ConfigError, save_yaml
 from ..data.loader import PromptLoader, share_of
 from ..data.prompts import Prompt, load_prompts
-from ..data.tokenizer import check_fits, eos_token_ids, load_tokenizer
 from ..convert.hf_files import GENERATION_CONFIG
-from ..models.builder import (
-    build_chunks, dtype_from_name, model_chunks, sequence_multiple, sequence_parallel_off,
-    unwrap,
-)
-from ..models.checkpoint import DTYPE_NAMES, CheckpointMeta, load_model, read_checkpoint
-from ..models.hf_config import HFModelInfo, causal_lm_architecture, to_hf_config
+from ..data.tokenizer import eos_token_ids
+from ..models.builder import dtype_from_name, sequence_multiple, sequence_parallel_off
+from ..models.checkpoint import DTYPE_NAMES, read_checkpoint
 from ..models.locate import resolve_checkpoint
-from ..models.sharding import load_full_state_dict, seeded_full_weights
 from ..ops.logprobs import frame_log_probs
 from ..path_checks import check_apart, overlap
 from ..rollout.engine import generate
@@ -54,6 +48,7 @@ from .engine import (
 )
 from .export import HF_DIR, export_hf
 from .guards import SkippedSteps
+from .policy import build_policy, build_reference, check_policy, describe_policy, policy_tokenizer
 from .experience import (
     RolloutShape, micro_batches, mini_batches, reward_items, sample_rows, split_rewards,
 )
@@ -61,26 +56,13 @@ from .memory import format_states, model_state_bytes
 from .metrics import MetricsLogger
 from .routing import RoutingStats
 from .run_dir import RunDirectory, newest_checkpoint
+from .step_metrics import (
+    EXPERIENCE_STATS, ROLLOUT_STATS, UPDATE_STATS, peak_memory_gib, step_metrics,
+)
 
 log = logging.getLogger(__name__)
 
-# per-step sums reduced over all ranks; each rank fills the part it owns
-ROLLOUT_STATS = ("prompts", "n", "reward_sampled", "reward_sampled_sq", "reward_greedy",
-                 "len_sampled", "len_greedy", "generated_tokens")
-# once per step, where a batch's advantages are made (from the rollout weights' log-probs)
-EXPERIENCE_STATS = ("tokens", "kl", "logprob_mismatch", "adv", "adv_sq")
-# every policy update pass
-UPDATE_STATS = ("pass_tokens", "entropy", "loss", "normalizer", "clipped")
 EVAL_SHAPE = RolloutShape(1, False)  # one greedy response per held-out prompt
-
-
-@dataclass
-class Policy:
-    """What the loop needs to know about the policy beyond the modules."""
-
-    config: object  # ModelConfig
-    meta: CheckpointMeta
-    hf_config: dict
 
 
 @dataclass
@@ -109,9 +91,10 @@ class Trainer:
         self.shape = RolloutShape(cfg.rollout.n_samples, self.alg.GREEDY_BASELINE)
         self.out = Path(cfg.output_dir)
         # Everything cheap and checkable comes before any model is built.
-        self.policy = self._describe_policy()
-        self.tokenizer = self._tokenizer()
-        self._check_policy()
+        self.policy = describe_policy(cfg)
+        self.tokenizer = policy_tokenizer(cfg)
+        check_policy(cfg, self.policy.config, self.tokenizer,
+                     cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
         prompts = self._prompts()
         self.loader = PromptLoader(prompts, cfg.data.max_prompt_length,
                                    cfg.train.global_batch_size, cfg.train.seed, cfg.data.shuffle)
@@ -177,9 +160,9 @@ class Trainer:
         cfg = self.cfg
         self.device = self.runtime.device
         self.dtype = self._dtype()
-        self.model = self._build_policy()
-        self.reference = (self._build_reference() if self.alg.uses_reference(cfg.algorithm)
-                          else None)
+        self.model = build_policy(cfg, self._precision)
+        self.reference = (build_reference(cfg, self.model, self._precision)
+                          if self.alg.uses_reference(cfg.algorithm) else None)
         self.ddp = wrap_ddp(self.model, cfg.train.use_distributed_optimizer)
         moe = self.policy.config.is_moe
         self.routes = TrainingRoutes(self.model, cfg.rollout.routing_replay) if moe else None
@@ -217,67 +200,6 @@ class Trainer:
                                          cfg.log.wandb_project, snapshot(cfg), self.step)
 
     # --- setup ------------------------------------------------------------------------------
-    def _describe_policy(self) -> Policy:
-        p = self.cfg.policy
-        if p.load is not None:
-            ckpt = read_checkpoint(p.load)
-            if ckpt.meta.is_reward:
-                raise ConfigError(f"policy.load={p.load} is a reward model; the policy must be "
-                                  "a causal LM checkpoint")
-            hf = ckpt.hf_config or to_hf_config(HFModelInfo(
-                ckpt.config, ckpt.meta.architecture, ckpt.meta.model_type, False))
-            return Policy(ckpt.config, ckpt.meta, hf)
-        arch, model_type = causal_lm_architecture(p.model)
-        info = HFModelInfo(p.model, arch, model_type, False)
-        meta = CheckpointMeta(kind="policy", architecture=arch, model_type=model_type,
-                              dtype="fp32", vocab_size=p.model.vocab_size, source="random init")
-        return Policy(p.model, meta, to_hf_config(info))
-
-    def _check_policy(self) -> None:
-        cfg, model = self.cfg, self.policy.config
-        check_fits(self.tokenizer, model.vocab_size,
-                   cfg.policy.tokenizer or cfg.policy.load or "the built-in tokenizer")
-        if cfg.data.max_prompt_length + cfg.rollout.max_new_tokens > model.max_position_embeddings:
-            raise ConfigError(
-                f"data.max_prompt_length {cfg.data.max_prompt_length} + rollout.max_new_tokens "
-                f"{cfg.rollout.max_new_tokens} exceeds the policy's "
-                f"{model.max_position_embeddings} positions: lower one")
-        if model.hidden_dropout or model.attention_dropout:
-            raise ConfigError(
-                f"policy dropout (hidden_dropout={model.hidden_dropout}, attention_dropout="
-                f"{model.attention_dropout}) must be 0: the update needs the log-probs of the "
-                "responses exactly as the rollout produced them")
-        layers, split = model.num_layers, cfg.parallel.pp * cfg.parallel.virtual_pp
-        if cfg.parallel.virtual_pp > 1 and layers % split:
-            raise ConfigError(
-                f"the policy's {layers} layers do not split into parallel.pp x virtual_pp = "
-                f"{split} chunks of equal size: choose virtual_pp so that pp x virtual_pp "
-                f"divides {layers}")
-        if cfg.rollout.routing_replay and not model.is_moe:
-            raise ConfigError("rollout.routing_replay needs a mixture-of-experts policy (it "
-                              "replays the rollout's expert choices): turn it off")
-        if cfg.rollout.routing_replay and cfg.train.recompute == "full" and cfg.parallel.pp > 1:
-            raise ConfigError(  # a recomputed layer would route with a later micro-batch's choice
-                "rollout.routing_replay with train.recompute=full needs parallel.pp=1: use "
-                "recompute=selective, or pp=1")
-        if model.is_moe and cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
-            raise ConfigError(  # megatron's MoE layer refuses to train so
-                f"a mixture-of-experts policy at parallel.tp={cfg.parallel.tp} trains only with "
-                "sequence parallelism: set parallel.sequence_parallel=true")
-
-    def _tokenizer(self):
-        p = self.cfg.policy
-        if p.builtin_tokenizer:
-            return demo.tokenizer()
-        if p.load is None and p.tokenizer is None:
-            raise ConfigError("policy.model needs policy.tokenizer (a tokenizer directory) or "
-                              "policy.builtin_tokenizer: true")
-        if p.load is None:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(p.tokenizer)
-        return load_tokenizer(read_checkpoint(p.load), p.tokenizer)
-
     def _prompts(self) -> list[Prompt]:
         if self.cfg.data.builtin:
             return [Prompt(i, text, list(self.tokenizer(text).input_ids))
@@ -313,39 +235,8 @@ class Trainer:
             name = "bf16" if self.device.type == "cuda" else "fp32"
         return dtype_from_name(name)
 
-    def _build_policy(self) -> list:
-        """The policy's chunks on this rank (one without virtual pipeline stages)."""
-        p, vpp = self.cfg.policy, self.cfg.parallel.virtual_pp
-        # megatron's scale features (the frozen reference, forward-only, needs neither)
-        scale = dict(recompute=self.cfg.train.recompute,
-                     sequence_parallel=self.cfg.parallel.sequence_parallel)
-        if p.load is not None:
-            chunks = model_chunks(load_model(p.load, virtual_pp=vpp, **scale)[0])
-        else:
-            # A fresh model starts from the same weights at every layout (seeded_full_weights).
-            chunks = build_chunks(p.model, vpp, perform_initialization=False, **scale)
-            for chunk in chunks:
-                load_full_state_dict(chunk, seeded_full_weights(chunk, self.cfg.train.seed))
-        if p.moe_aux_loss_coef is not None:  # the routers read it at every training forward
-            for chunk in chunks:
-                unwrap(chunk).config.moe_aux_loss_coeff = p.moe_aux_loss_coef
-        return [self._precision(chunk) for chunk in chunks]
-
     def _precision(self, model):
         return to_precision(model, self.dtype, self.device)
-
-    def _build_reference(self) -> list:
-        """A frozen copy of the initial policy (only when kl_coef > 0), chunked as it is."""
-        p, vpp = self.cfg.policy, self.cfg.parallel.virtual_pp
-        if p.load is not None:
-            chunks = model_chunks(load_model(p.load, virtual_pp=vpp)[0])
-        else:
-            chunks = build_chunks(p.model, vpp, perform_initialization=False)
-            for ref, chunk in zip(chunks, self.model):
-                ref.load_state_dict(unwrap(chunk).state_dict())
-        for param in (param for ref in chunks for param in ref.parameters()):
-            param.requires_grad_(False)
-        return [self._precision(ref).eval() for ref in chunks]
 
     def _reward_model(self):
         from megatron.core import parallel_state as ps
@@ -667,57 +558,15 @@ class Trainer:
         start, t_rollout, t_reward, t_train, t_critic = times
         spans = torch.tensor([t_rollout - start, t_reward - t_rollout, t_critic,
                               t_train - t_reward - t_critic, t_train - start,
-                              _peak_memory_gib(self.device)],
+                              peak_memory_gib(self.device)],
                              dtype=torch.float64, device=self.device)
         dist.all_reduce(spans, op=dist.ReduceOp.MAX)
         s = dict(zip(ROLLOUT_STATS + EXPERIENCE_STATS + UPDATE_STATS + CRITIC_STATS,
                      totals.tolist()))
-        n, tokens = max(s["n"], 1.0), max(s["tokens"], 1.0)
-        prompts, passes = max(s["prompts"], 1.0), max(s["pass_tokens"], 1.0)
-        adv_mean, reward_mean = s["adv"] / tokens, s["reward_sampled"] / n
-        t_roll, t_rew, t_crit, t_tr, t_step, peak = spans.tolist()
-        metrics = {
-            "step": self.step,
-            "reward/sampled": reward_mean,
-            "reward/std": _std(s["reward_sampled_sq"] / n, reward_mean),
-        }
-        if self.shape.greedy:
-            metrics["reward/greedy"] = s["reward_greedy"] / prompts
-        metrics.update({
-            "advantage/mean": adv_mean,
-            "advantage/std": _std(s["adv_sq"] / tokens, adv_mean),
-            "kl": s["kl"] / tokens,
-            "response_length/sampled": s["len_sampled"] / n,
-        })
-        if self.shape.greedy:
-            metrics["response_length/greedy"] = s["len_greedy"] / prompts
-        metrics.update({
-            "entropy": s["entropy"] / passes,
-            "logprob_mismatch": s["logprob_mismatch"] / tokens,
-            "loss": s["loss"] / max(s["normalizer"], 1.0),
-            "grad_norm": _mean_norm(policy),
-            "lr": lrs["lr"],
-            "skipped": sum(not applied for applied, _ in policy),
-        })
-        if self.cfg.algorithm.clip_ratio is not None:
-            metrics["clip_fraction"] = s["clipped"] / passes
-        if self.critic is not None:
-            metrics.update({
-                "critic/value_loss": s["value_loss"] / max(s["value_normalizer"], 1.0),
-                "critic/clip_fraction": s["value_clipped"] / max(s["value_tokens"], 1.0),
-                "critic/grad_norm": _mean_norm(critic),
-                "critic/lr": lrs["critic/lr"],
-                "critic/skipped": sum(not applied for applied, _ in critic),
-            })
-        metrics.update({
-            "time/rollout": t_roll, "time/reward": t_rew, "time/critic": t_crit,
-            "time/train": t_tr, "time/step": t_step,
-            "tokens_per_second": (s["generated_tokens"] + s["tokens"]) / max(t_step, 1e-9),
-            "rollout_tokens_per_second": s["generated_tokens"] / max(t_roll, 1e-9),
-            "memory/peak_gib": peak,
-            "epoch": self.loader.state.epoch,
-        })
-        return metrics
+        return step_metrics(s, spans.tolist(), policy, critic if self.critic is not None else None,
+                            lrs, step=self.step, epoch=self.loader.state.epoch,
+                            greedy=self.shape.greedy,
+                            clipped=self.cfg.algorithm.clip_ratio is not None)
 
     def model_states(self) -> dict[str, dict[str, int]]:
         """Bytes of parameters, gradients and optimizer states of every model on this rank
@@ -825,19 +674,3 @@ def _resolve_loads(cfg: RunConfig) -> None:
         if isinstance(value, str) and value != "policy" and Path(value).exists():
             # (a missing path gets check_config's error, with its hint for that setting)
             setattr(part, key, str(resolve_checkpoint(value, f"{section}.{key}")))
-
-
-def _std(mean_sq: float, mean: float) -> float:
-    return max(mean_sq - mean ** 2, 0.0) ** 0.5
-
-
-def _mean_norm(updates: list[tuple[bool, float]]) -> float:
-    """The mean gradient norm of the applied updates (NaN when none was)."""
-    norms = [norm for applied, norm in updates if applied]
-    return sum(norms) / len(norms) if norms else float("nan")
-
-
-def _peak_memory_gib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
