@@ -80,15 +80,22 @@ def test_vocab_needs_padding(converted):
     assert VOCAB >= len(tiny.build_tokenizer(VOCAB)) > 128 and len(tiny.build_tokenizer(VOCAB)) % 128
 
 
-def _check_report(report):
-    assert set(report) == set(CASES)
+def layout_report(ref, out: Path, nproc: int = 1, flags: tuple = ()) -> dict:
+    """The worker's largest |Megatron - transformers| per case, the checkpoints loaded at the
+    layout ``flags`` give (``--resave DIR`` also re-saves them there)."""
+    args = [WORKER, "--ref", str(ref), "--report", str(out / "r.json"), *flags]
+    run_python(args) if nproc == 1 else run_torchrun(nproc, args)
+    return read_json(out / "r.json")
+
+
+def check_report(report, cases=CASES):
+    assert set(report) == set(cases)
     bad = {k: v for k, v in report.items() if not v <= TOL}
     assert not bad, f"Megatron differs from transformers: {bad}"
 
 
 def test_single_rank_matches_transformers(converted, tmp_path):
-    run_python([WORKER, "--ref", str(converted["ref"]), "--report", str(tmp_path / "r.json")])
-    _check_report(read_json(tmp_path / "r.json"))
+    check_report(layout_report(converted["ref"], tmp_path))
 
 
 LAYOUTS = {"tp2": (2, ["--tp", "2"]), "pp2": (2, ["--pp", "2"])}
@@ -97,24 +104,21 @@ LAYOUTS = {"tp2": (2, ["--tp", "2"]), "pp2": (2, ["--pp", "2"])}
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_layouts_match_transformers(layout, converted, tmp_path):
-    nproc, extra = LAYOUTS[layout]
-    run_torchrun(nproc, [WORKER, "--ref", str(converted["ref"]), "--report",
-                         str(tmp_path / "r.json"), *extra])
-    _check_report(read_json(tmp_path / "r.json"))
+    check_report(layout_report(converted["ref"], tmp_path, *LAYOUTS[layout]))
 
 
 @pytest.fixture(scope="module")
 def resaved_tp2_pp2(converted, tmp_path_factory):
     """tp2 x pp2 run of the comparison that also re-saves every model at that layout."""
     out = tmp_path_factory.mktemp("tp2pp2")
-    run_torchrun(4, [WORKER, "--ref", str(converted["ref"]), "--report", str(out / "r.json"),
-                     "--tp", "2", "--pp", "2", "--resave", str(out / "resaved")])
-    return out
+    report = layout_report(converted["ref"], out, 4,
+                           ["--tp", "2", "--pp", "2", "--resave", str(out / "resaved")])
+    return out, report
 
 
 @pytest.mark.distributed
 def test_tp2_pp2_matches_transformers(resaved_tp2_pp2):
-    _check_report(read_json(resaved_tp2_pp2 / "r.json"))
+    check_report(resaved_tp2_pp2[1])
 
 
 def _assert_bit_identical(original_dir, exported_dir):
@@ -145,5 +149,5 @@ def test_round_trip_is_bit_identical_and_loads(name, converted, tmp_path):
 @pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "llama_reward"])
 def test_checkpoint_saved_at_tp2_pp2_exports_bit_identically(name, converted, resaved_tp2_pp2,
                                                               tmp_path):
-    out = mcore_to_hf(resaved_tp2_pp2 / "resaved" / name, tmp_path / "hf")
+    out = mcore_to_hf(resaved_tp2_pp2[0] / "resaved" / name, tmp_path / "hf")
     _assert_bit_identical(Path(converted["cases"][name]["hf_dir"]), out)

@@ -11,12 +11,12 @@ import pytest
 import torch
 import transformers
 
-from conftest import WORKERS, read_json, run_python, run_torchrun
+from conftest import run_python, run_torchrun
 from remax_megatron import tiny
 from remax_megatron.convert.commands import hf_to_mcore, mcore_to_hf
-from test_convert import TOL, VOCAB, _assert_bit_identical, hf_outputs, padded_batch
-
-WORKER = str(WORKERS / "convert_equivalence.py")
+from test_convert import (
+    VOCAB, _assert_bit_identical, check_report, hf_outputs, layout_report, padded_batch,
+)
 ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 
 
@@ -60,15 +60,8 @@ def _layers(model):
     return model.model.layers
 
 
-def _check(report):
-    assert set(report) == set(ARCHS)
-    bad = {k: v for k, v in report.items() if not v <= TOL}
-    assert not bad, f"Megatron differs from transformers: {bad}"
-
-
 def test_single_rank_matches_transformers(converted, tmp_path):
-    run_python([WORKER, "--ref", str(converted["ref"]), "--report", str(tmp_path / "r.json")])
-    _check(read_json(tmp_path / "r.json"))
+    check_report(layout_report(converted["ref"], tmp_path), ARCHS)
 
 
 LAYOUTS = {"ep2": (2, ["--ep", "2"]), "pp2_ep2": (4, ["--pp", "2", "--ep", "2"])}
@@ -77,23 +70,20 @@ LAYOUTS = {"ep2": (2, ["--ep", "2"]), "pp2_ep2": (4, ["--pp", "2", "--ep", "2"])
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_expert_parallel_layouts_match_transformers(layout, converted, tmp_path):
-    nproc, extra = LAYOUTS[layout]
-    run_torchrun(nproc, [WORKER, "--ref", str(converted["ref"]), "--report",
-                         str(tmp_path / "r.json"), *extra])
-    _check(read_json(tmp_path / "r.json"))
+    check_report(layout_report(converted["ref"], tmp_path, *LAYOUTS[layout]), ARCHS)
 
 
 @pytest.fixture(scope="module")
 def resaved_tp2_ep2(converted, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2ep2")
-    run_torchrun(4, [WORKER, "--ref", str(converted["ref"]), "--report", str(out / "r.json"),
-                     "--tp", "2", "--ep", "2", "--resave", str(out / "resaved")])
-    return out
+    report = layout_report(converted["ref"], out, 4,
+                           ["--tp", "2", "--ep", "2", "--resave", str(out / "resaved")])
+    return out, report
 
 
 @pytest.mark.distributed
 def test_tp2_ep2_matches_transformers(resaved_tp2_ep2):
-    _check(read_json(resaved_tp2_ep2 / "r.json"))
+    check_report(resaved_tp2_ep2[1], ARCHS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -111,7 +101,7 @@ def test_round_trip_is_bit_identical_and_loads(arch, converted, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_checkpoint_saved_at_tp2_ep2_exports_bit_identically(arch, converted, resaved_tp2_ep2,
                                                              tmp_path):
-    out = mcore_to_hf(resaved_tp2_ep2 / "resaved" / arch, tmp_path / "hf")
+    out = mcore_to_hf(resaved_tp2_ep2[0] / "resaved" / arch, tmp_path / "hf")
     _assert_bit_identical(Path(converted["cases"][arch]["hf_dir"]), out)
 
 
@@ -239,3 +229,50 @@ def test_routing_replay_in_fp32_changes_nothing_where_the_choices_agree(tmp_path
         assert off["moe/routing_mismatch"] < 0.01 and "moe/routing_mismatch" not in on
         for key in ("loss", "grad_norm", "logprob_mismatch", "moe/expert_share_max"):
             assert off[key] == on[key], key
+
+
+def test_training_routes_compare_and_replay_a_batch_s_record(megatron_runtime):
+    """TrainingRoutes on a micro-batch's ``routes`` ([positions, rows, k], -1 unknown): compared,
+    a record equal to the router's own choice counts no difference and a shifted one counts every
+    known token; replayed, the forward takes the record's experts (the same output as forcing
+    them directly) and the router's own where the record is -1."""
+    from remax_megatron.models.builder import build_model
+    from remax_megatron.models.config import ModelConfig
+    from remax_megatron.rollout.routes import TrainingRoutes, routers
+    from remax_megatron.runtime import cpu_compat
+
+    config = ModelConfig.llama(num_layers=1, hidden_size=32, num_attention_heads=4,
+                               ffn_hidden_size=48, vocab_size=64, max_position_embeddings=16,
+                               num_experts=4, moe_topk=2)
+    model = build_model(config)
+    choice = routers(model)[0].router_replay
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(5).expand(2, 5)
+
+    def forward():
+        with torch.no_grad(), cpu_compat.active():
+            return model(ids, pos, None)
+
+    seen = []
+    choice.sink = seen.append
+    natural_logits = forward()
+    choice.sink = None
+    natural = seen[0].view(5, 2, 2)  # [s, b, k]: the router's tokens are s-major
+    shifted = (natural + 1) % 4
+    compare = TrainingRoutes(model, replay=False)
+    compare.before_forward({"routes": {0: natural}})
+    forward()
+    compare.before_forward({"routes": {0: shifted}})
+    forward()
+    assert compare.counts.tolist() == [10.0, 20.0]
+
+    record = shifted.clone()
+    record[4] = -1  # the last position unknown: routed by the router itself
+    replay = TrainingRoutes(model, replay=True)
+    replay.before_forward({"routes": {0: record}})
+    replayed = forward()
+    replay.after()
+    choice.target = torch.cat([shifted[:4], natural[4:]]).view(10, 2)
+    forced = forward()
+    choice.target = None
+    assert torch.equal(replayed, forced) and not torch.equal(replayed, natural_logits)

@@ -69,12 +69,16 @@ class RolloutRoutes:
     def __init__(self, model, prompt_mask: torch.Tensor, k: int, max_new_tokens: int):
         self.routers = routers(model)
         self.topk = next(iter(self.routers.values())).topk if self.routers else 0
-        self.prompt_mask = prompt_mask.bool().cpu()
+        # kept where the routers compute: recording a decode step costs no host sync
+        device = next(unwrap(model).parameters()).device
+        self.prompt_mask = prompt_mask.bool().to(device)
         self.k = k
         self.prompt_len = self.prompt_mask.sum(-1)
+        self.row_prompt_len = self.prompt_len.repeat_interleave(k)
+        self.prompt_len_list = self.prompt_len.tolist()  # once, for the rows after the rollout
         rows, width = prompt_mask.size(0) * k, int(self.prompt_len.max()) + max_new_tokens
-        self.table = {i: torch.full((rows, width, self.topk), -1, dtype=torch.long)
-                      for i in self.routers}
+        self.table = {i: torch.full((rows, width, self.topk), -1, dtype=torch.long,
+                                    device=device) for i in self.routers}
         self.where = None
         for index, router in self.routers.items():
             router.router_replay.sink = self._sink(index)
@@ -89,11 +93,11 @@ class RolloutRoutes:
         def record(indices: torch.Tensor) -> None:
             if self.where is None:
                 return
-            table, indices = self.table[index], indices.cpu()
+            table = self.table[index]
             if self.where[0] == "decode":  # one token per row: the response's token step - 1
                 _, step, rows = self.where
-                at = self.prompt_len.repeat_interleave(self.k)[rows] + step - 1
-                table[torch.arange(rows.start, rows.stop), at] = indices
+                at = self.row_prompt_len[rows] + step - 1
+                table[torch.arange(rows.start, rows.stop, device=table.device), at] = indices
                 return
             prompts = self.where[1]
             mask = self.prompt_mask[prompts]  # [b, s], left- or right-padded
@@ -113,7 +117,7 @@ class RolloutRoutes:
     def row(self, row: int, length: int) -> dict[int, torch.Tensor]:
         """Rollout row ``row``'s choices per layer for its prompt and ``length`` response tokens,
         [positions, k]; the last token's are -1 (never fed)."""
-        end = int(self.prompt_len[row // self.k]) + length
+        end = self.prompt_len_list[row // self.k] + length
         out = {}
         for index, table in self.table.items():
             choices = table[row, :end].clone()
@@ -128,7 +132,8 @@ def batch_routes(per_row: list[dict[int, torch.Tensor]], width: int) -> dict[int
     out = {}
     for index in per_row[0]:
         k = per_row[0][index].size(-1)
-        table = torch.full((width, len(per_row), k), -1, dtype=torch.long)
+        table = torch.full((width, len(per_row), k), -1, dtype=torch.long,
+                           device=per_row[0][index].device)
         for j, routes in enumerate(per_row):
             table[:routes[index].size(0), j] = routes[index]
         out[index] = table
@@ -145,7 +150,9 @@ class TrainingRoutes:
         config = unwrap(model).config
         self.sequence_parallel = config.sequence_parallel
         self.tp = unwrap(model).pg_collection.tp
-        self.counts = torch.zeros(2, dtype=torch.float64)  # differing, compared
+        device = next(unwrap(model).parameters()).device
+        # differing, compared: summed where the routers run (no host sync per micro-batch)
+        self.counts = torch.zeros(2, dtype=torch.float64, device=device)
         self.known: dict[int, torch.Tensor] = {}  # this forward's recorded tokens, per layer
 
     def before_forward(self, batch: dict) -> None:
@@ -174,8 +181,7 @@ class TrainingRoutes:
         def compare(indices: torch.Tensor) -> None:
             known = want[:, 0] >= 0
             same = (indices.sort(-1).values == want.sort(-1).values).all(-1)
-            self.counts += torch.tensor([float((known & ~same).sum()), float(known.sum())],
-                                        dtype=torch.float64)
+            self.counts += torch.stack([(known & ~same).sum(), known.sum()]).to(self.counts)
         return compare
 
     def after(self) -> None:
