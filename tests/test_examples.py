@@ -23,3 +23,20 @@ def test_example_config_parses(path):
 
 def test_there_are_examples():
     assert {p.parent.name for p in EXAMPLES} == {"gpt2_124m", "llama2_7b", "qwen3_moe"}
+
+
+FINETUNE = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*/sft.yaml")) + sorted(
+    (Path(__file__).resolve().parents[1] / "examples").glob("*/reward_model.yaml"))
+
+
+@pytest.mark.parametrize("path", FINETUNE, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_pipeline_configs_parse(path):
+    """The SFT and reward-model steps: every key known, a layout that fits 8-GPU nodes."""
+    from remax_megatron.training.finetune_config import (
+        RMConfig, SFTConfig, load_finetune_config,
+    )
+
+    cfg = load_finetune_config(SFTConfig if path.stem == "sft" else RMConfig, str(path), [])
+    layout = validate_layout(8, cfg.parallel.tp, cfg.parallel.pp)
+    assert cfg.train.global_batch_size % (layout.dp * cfg.train.micro_batch_size) == 0
+    assert len(FINETUNE) == 2

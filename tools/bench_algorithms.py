@@ -384,14 +384,14 @@ def main() -> int:
     return write_results(results, out, started, plot, report)
 
 
-def write_results(results: dict, out: Path, started: float, plot, report) -> int:
-    """results.json, the PNG and the printed report (both comparisons end here)."""
+def write_results(results: dict, out: Path, started: float, plot, report,
+                  png: str = "algorithms.png") -> int:
+    """results.json, the PNG and the printed report (every comparison ends here)."""
     results["seconds"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "algorithms.png")
+    plot(results, out / png)
     print(report(results))
-    print(f"\nwrote {out / 'results.json'} and {out / 'algorithms.png'} "
-          f"({results['seconds']:.0f} s)")
+    print(f"\nwrote {out / 'results.json'} and {out / png} ({results['seconds']:.0f} s)")
     return 0
 
 

@@ -26,16 +26,19 @@ class LoaderState:
 
 class PromptLoader:
     def __init__(self, prompts: list[Prompt], max_prompt_length: int, global_batch_size: int,
-                 seed: int, shuffle: bool = True):
+                 seed: int, shuffle: bool = True, what: str = "prompts",
+                 limit: str = "data.max_prompt_length"):
+        """``prompts``: anything with token ``ids`` (SFT rows and preference pairs too, named
+        ``what``), those longer than ``max_prompt_length`` (the setting ``limit``) dropped."""
         self.prompts = [p for p in prompts if len(p.ids) <= max_prompt_length]
         self.dropped = len(prompts) - len(self.prompts)
         if self.dropped:
-            log.warning("dropped %d of %d prompts longer than data.max_prompt_length=%d tokens",
-                        self.dropped, len(prompts), max_prompt_length)
+            log.warning("dropped %d of %d %s longer than %s=%d tokens",
+                        self.dropped, len(prompts), what, limit, max_prompt_length)
         if len(self.prompts) < global_batch_size:
             raise ConfigError(
-                f"only {len(self.prompts)} prompts fit data.max_prompt_length={max_prompt_length}, "
-                f"fewer than train.global_batch_size={global_batch_size}: add prompts or lower "
+                f"only {len(self.prompts)} {what} fit {limit}={max_prompt_length}, "
+                f"fewer than train.global_batch_size={global_batch_size}: add {what} or lower "
                 "the batch size")
         self.global_batch_size = global_batch_size
         self.seed = seed

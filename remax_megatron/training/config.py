@@ -130,13 +130,17 @@ class TrainConfig:
 
 
 @dataclass
-class LogConfig:
+class BaseLogConfig:
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     plot: bool = True
+    eval_every: int = 0  # steps between evaluations on data.eval_path; 0: before and after only
+
+
+@dataclass
+class LogConfig(BaseLogConfig):
     samples_every: int = 10  # steps between sample printouts (and samples.jsonl rows); 0: never
     samples: int = 2  # prompts shown each time, with their greedy and sampled responses
-    eval_every: int = 0  # steps between evaluations on data.eval_path; 0: before and after only
 
 
 @dataclass
@@ -178,17 +182,24 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def check_config(cfg: RunConfig, world_size: int) -> None:
-    """Everything that can be checked before building a model; one line per problem."""
-    from ..runtime.layout import validate_layout
-
-    p, t = cfg.policy, cfg.train
+def check_policy_source(p: PolicyConfig) -> None:
     if (p.load is None) == (p.model is None):
         raise ConfigError("set exactly one of policy.load (a checkpoint) or policy.model "
                           "(a fresh model config)")
     if p.load is not None and not Path(p.load).is_dir():
         raise ConfigError(f"policy.load={p.load} does not exist: convert your HF model with "
                           "remax-megatron convert hf-to-mcore first")
+    if p.tokenizer is not None and not Path(p.tokenizer).is_dir():
+        raise ConfigError(f"policy.tokenizer={p.tokenizer} is not a directory: point it at the "
+                          "model's tokenizer files")
+
+
+def check_config(cfg: RunConfig, world_size: int) -> None:
+    """Everything that can be checked before building a model; one line per problem."""
+    from ..runtime.layout import validate_layout
+
+    p, t = cfg.policy, cfg.train
+    check_policy_source(p)
     if (cfg.reward.rule is None) == (cfg.reward.load is None):
         raise ConfigError("set exactly one of reward.rule (module:function) or reward.load "
                           "(a reward-model checkpoint)")
@@ -222,9 +233,6 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
                           "must be >= 0 (0: automatic)")
     if t.steps is not None and t.steps < 1:
         raise ConfigError(f"train.steps={t.steps} must be at least 1")
-    if p.tokenizer is not None and not Path(p.tokenizer).is_dir():
-        raise ConfigError(f"policy.tokenizer={p.tokenizer} is not a directory: point it at the "
-                          "model's tokenizer files")
     if cfg.reward.micro_batch_size < 1:
         raise ConfigError(f"reward.micro_batch_size={cfg.reward.micro_batch_size} must be at least 1")
     r = cfg.rollout
@@ -237,11 +245,12 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
     _check_algorithm(cfg)
 
 
-def _check_ranges(cfg: RunConfig) -> None:
-    """The range of every number a run reads (NaN fails every comparison, so it is caught)."""
+def shared_ranges(cfg) -> list[tuple]:
+    """(setting, value, ok, rule) for the sections every kind of training has (train, parallel,
+    policy, checkpoint, log). NaN fails every comparison, so it is caught."""
     t, c, lg = cfg.train, cfg.checkpoint, cfg.log
     inf = float("inf")
-    rules = [
+    return [
         # a learning rate above 1 is a typo (1e30 would end in NaN weights, every update skipped)
         ("train.lr", t.lr, 0 <= t.lr <= 1, "a learning rate in [0, 1]"),
         ("train.min_lr", t.min_lr, 0 <= t.min_lr <= t.lr, f"in [0, train.lr={t.lr:g}]"),
@@ -252,34 +261,48 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("train.clip_grad", t.clip_grad, 0 <= t.clip_grad < inf, ">= 0 (0: no clipping)"),
         ("train.epochs", t.epochs, 0 < t.epochs < inf, "a positive number"),
         ("train.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
+        ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, "at least 1"),
         ("train.seed", t.seed, 0 <= t.seed <= MAX_SEED, "in [0, 2**63 - 1]"),
+        ("train.steps", t.steps, t.steps is None or t.steps >= 1, "at least 1"),
         ("parallel.timeout_minutes", cfg.parallel.timeout_minutes,
          0 < cfg.parallel.timeout_minutes <= 7 * 24 * 60, "in (0, 10080] (a week)"),
         ("train.max_skipped_steps", t.max_skipped_steps, t.max_skipped_steps >= 0,
          ">= 0 (0: never stop)"),
         ("checkpoint.save_every", c.save_every, c.save_every >= 0, ">= 0 (0: only at the end)"),
         ("checkpoint.keep_last", c.keep_last, c.keep_last >= 0, ">= 0 (0: keep every one)"),
-        ("log.samples_every", lg.samples_every, lg.samples_every >= 0, ">= 0 (0: never)"),
-        ("log.samples", lg.samples, lg.samples >= 1, ">= 1 (turn samples off with "
-         "log.samples_every=0)"),
         ("log.eval_every", lg.eval_every, lg.eval_every >= 0, ">= 0"),
-        ("rollout.top_k", cfg.rollout.top_k, cfg.rollout.top_k >= 0, ">= 0 (0: off)"),
-        ("reward.tp", cfg.reward.tp, cfg.reward.tp >= 1, ">= 1"),
         ("parallel.ep", cfg.parallel.ep, cfg.parallel.ep >= 1, ">= 1"),
         ("policy.moe_aux_loss_coef", cfg.policy.moe_aux_loss_coef,
          cfg.policy.moe_aux_loss_coef is None or 0 <= cfg.policy.moe_aux_loss_coef < 1e3,
          "in [0, 1000) (0: off; unset: the model's own)"),
-        ("reward.pp", cfg.reward.pp, cfg.reward.pp >= 1, ">= 1"),
     ]
+
+
+def check_shared(cfg, rules: list[tuple]) -> None:
+    """``rules`` (shared_ranges and the kind's own), then the settings every kind reads."""
     for name, value, ok, rule in rules:
         if not ok:
             raise ConfigError(f"{name}={value!r} must be {rule}")
     if cfg.parallel.backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"parallel.backend={cfg.parallel.backend!r}: use auto, nccl or gloo")
-    if lg.eval_every and cfg.data.eval_path is None:
-        raise ConfigError(f"log.eval_every={lg.eval_every} needs data.eval_path (held-out "
-                          "prompts): set it, or remove log.eval_every")
-    check_precision(t.dtype, "train.dtype")
+    if cfg.log.eval_every and cfg.data.eval_path is None:
+        raise ConfigError(f"log.eval_every={cfg.log.eval_every} needs data.eval_path (held-out "
+                          "data): set it, or remove log.eval_every")
+    check_precision(cfg.train.dtype, "train.dtype")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """The range of every number an RL run reads."""
+    rules = shared_ranges(cfg) + [
+        ("log.samples_every", cfg.log.samples_every, cfg.log.samples_every >= 0,
+         ">= 0 (0: never)"),
+        ("log.samples", cfg.log.samples, cfg.log.samples >= 1, ">= 1 (turn samples off with "
+         "log.samples_every=0)"),
+        ("rollout.top_k", cfg.rollout.top_k, cfg.rollout.top_k >= 0, ">= 0 (0: off)"),
+        ("reward.tp", cfg.reward.tp, cfg.reward.tp >= 1, ">= 1"),
+        ("reward.pp", cfg.reward.pp, cfg.reward.pp >= 1, ">= 1"),
+    ]
+    check_shared(cfg, rules)
 
 
 def _check_scale_features(cfg: RunConfig) -> None:

@@ -105,7 +105,7 @@ class Critic:
             chunks = build_chunks(source.config, vpp, reward=True, perform_initialization=False)
             if load_weights:
                 for mine, theirs in zip(chunks, policy, strict=True):
-                    _copy_backbone(unwrap(theirs), mine)
+                    copy_backbone(unwrap(theirs), mine)
         self.model = [precision(chunk) for chunk in chunks]
         self.ddp = wrap_ddp(self.model, settings.use_distributed_optimizer)
         self.optimizer = build_optimizer(self.ddp, settings)
@@ -138,7 +138,7 @@ class Critic:
                       fp16=self.fp16)
 
 
-def _copy_backbone(policy, critic) -> None:
+def copy_backbone(policy, critic) -> None:
     """The policy's embedding, layers and final norm into the critic; its scalar head at zero
     (every value starts at 0). Same layout, so the local shards match one to one."""
     state = {k: v for k, v in policy.state_dict().items() if not k.startswith("output_layer")}

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..config_io import atomic_write_text
 
@@ -105,13 +107,38 @@ class JsonLines:
             f.write(json.dumps(row) + "\n")
 
 
+def eval_line(step: int, result: dict) -> str:
+    return (f"eval at step {step}: reward {result['eval/reward']:.4f} (greedy responses to "
+            f"{result['eval/prompts']} held-out prompts), response length "
+            f"{result['eval/response_length']:.1f}")
+
+
+def reward_plot(history: list[dict], directory: Path, config: dict) -> Path | None:
+    algorithm = (config.get("algorithm") or {}).get("name", "remax")
+    return plot_rewards(history, directory / "reward_curves.png", algorithm)
+
+
+@dataclass(frozen=True)
+class View:
+    """How a kind of training shows itself: its progress line (metrics row, total steps), its
+    evaluation line (step, result) and its plot (history, output directory, config) -> path."""
+
+    progress: Callable[[dict, int], str]
+    eval_line: Callable[[int, dict], str]
+    plot: Callable[[list, Path, dict], Path | None]
+
+
+RL_VIEW = View(progress_line, eval_line, reward_plot)
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, total_steps: int, tensorboard: bool = True,
                  wandb_project: str | None = None, config: dict | None = None,
-                 resume_from_step: int = 0):
+                 resume_from_step: int = 0, view: View | None = None):
         self.dir = Path(output_dir)
         self.total = total_steps
-        self.algorithm = ((config or {}).get("algorithm") or {}).get("name", "remax")
+        self.config = config or {}
+        self.view = view or RL_VIEW
         self.steps = JsonLines(self.dir / "metrics.jsonl", resume_from_step)
         self.history: list[dict] = self.steps.rows
         self.samples = JsonLines(self.dir / "samples.jsonl", resume_from_step)
@@ -147,7 +174,7 @@ class MetricsLogger:
     def log(self, metrics: dict) -> None:
         self.steps.append(metrics)
         step = metrics["step"]
-        line = progress_line(metrics, self.total)
+        line = self.view.progress(metrics, self.total)
         if step < self.total:
             line += f" | eta {format_duration(self.eta(step))}"
         log.info(line)
@@ -175,9 +202,7 @@ class MetricsLogger:
     def log_eval(self, step: int, result: dict) -> None:
         """A held-out evaluation; at step 0 (before training) it has no step metrics to join."""
         self.evals.append({"step": step, **result})
-        log.info("eval at step %d: reward %.4f (greedy responses to %d held-out prompts), "
-                 "response length %.1f", step, result["eval/reward"], result["eval/prompts"],
-                 result["eval/response_length"])
+        log.info(self.view.eval_line(step, result))
         if step == 0:
             self._scalars(result, step)
 
@@ -186,29 +211,46 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-        return (plot_rewards(self.history, self.dir / "reward_curves.png", self.algorithm)
-                if plot else None)
+        return self.view.plot(self.history, self.dir, self.config) if plot else None
 
 
 def plot_rewards(history: list[dict], path: Path, algorithm: str = "remax") -> Path | None:
     if not history:
         return None
+    steps = [m["step"] for m in history]
+    series = {"sampled response (trained)": (steps, [m["reward/sampled"] for m in history])}
+    if "reward/greedy" in history[-1]:
+        series["greedy response (baseline)"] = (steps, [m["reward/greedy"] for m in history])
+    return plot_series(path, f"{algorithm}: mean reward per step", "mean reward", series)
+
+
+def plot_losses(history: list[dict], directory: Path, config: dict) -> Path | None:
+    """SFT's and reward-model training's loss per step, and on the held-out rows."""
+    if not history:
+        return None
+    series = {"training batch": ([m["step"] for m in history], [m["loss"] for m in history])}
+    evals = [m for m in history if "eval/loss" in m]
+    if evals:
+        series["held-out"] = ([m["step"] for m in evals], [m["eval/loss"] for m in evals])
+    return plot_series(directory / "loss_curves.png", "loss per step", "loss", series)
+
+
+def plot_series(path: Path, title: str, ylabel: str, series: dict) -> Path | None:
+    """``series``: {label: (steps, values)} as lines against the step, saved as a PNG."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed: no reward plot (pip install matplotlib)")
+        log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
-    steps = [m["step"] for m in history]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, [m["reward/sampled"] for m in history], label="sampled response (trained)")
-    if "reward/greedy" in history[-1]:
-        ax.plot(steps, [m["reward/greedy"] for m in history], label="greedy response (baseline)")
+    for label, (steps, values) in series.items():
+        ax.plot(steps, values, label=label, marker="o" if len(steps) < 3 else None)
     ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    ax.set_title(f"{algorithm}: mean reward per step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -56,27 +56,37 @@ def policy_tokenizer(cfg: RunConfig):
     return load_tokenizer(read_checkpoint(p.load), p.tokenizer)
 
 
-def check_policy(cfg: RunConfig, model, tokenizer, positions: int) -> None:
-    """One-line errors for a policy this run cannot train; ``positions``: the longest row the
-    run trains on (prompt and response)."""
+def check_trainable(cfg, model, tokenizer, positions: int, limit: str) -> None:
+    """One-line errors for a model no kind of training can train at this layout;
+    ``positions``: the longest row the run trains on, ``limit`` the settings that make it."""
     check_fits(tokenizer, model.vocab_size,
                cfg.policy.tokenizer or cfg.policy.load or "the built-in tokenizer")
     if positions > model.max_position_embeddings:
-        raise ConfigError(
-            f"data.max_prompt_length {cfg.data.max_prompt_length} + rollout.max_new_tokens "
-            f"{cfg.rollout.max_new_tokens} exceeds the policy's "
-            f"{model.max_position_embeddings} positions: lower one")
-    if model.hidden_dropout or model.attention_dropout:
-        raise ConfigError(
-            f"policy dropout (hidden_dropout={model.hidden_dropout}, attention_dropout="
-            f"{model.attention_dropout}) must be 0: the update needs the log-probs of the "
-            "responses exactly as the rollout produced them")
+        raise ConfigError(f"{limit} exceeds the policy's {model.max_position_embeddings} "
+                          f"positions: lower {'one' if ' + ' in limit else 'it'}")
     layers, split = model.num_layers, cfg.parallel.pp * cfg.parallel.virtual_pp
     if cfg.parallel.virtual_pp > 1 and layers % split:
         raise ConfigError(
             f"the policy's {layers} layers do not split into parallel.pp x virtual_pp = "
             f"{split} chunks of equal size: choose virtual_pp so that pp x virtual_pp "
             f"divides {layers}")
+    if model.is_moe and cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
+        raise ConfigError(  # megatron's MoE layer refuses to train so
+            f"a mixture-of-experts policy at parallel.tp={cfg.parallel.tp} trains only with "
+            "sequence parallelism: set parallel.sequence_parallel=true")
+
+
+def check_policy(cfg: RunConfig, model, tokenizer, positions: int) -> None:
+    """One-line errors for a policy this RL run cannot train; ``positions``: the longest row
+    the run trains on (prompt and response)."""
+    check_trainable(cfg, model, tokenizer, positions,
+                    f"data.max_prompt_length {cfg.data.max_prompt_length} + "
+                    f"rollout.max_new_tokens {cfg.rollout.max_new_tokens}")
+    if model.hidden_dropout or model.attention_dropout:
+        raise ConfigError(
+            f"policy dropout (hidden_dropout={model.hidden_dropout}, attention_dropout="
+            f"{model.attention_dropout}) must be 0: the update needs the log-probs of the "
+            "responses exactly as the rollout produced them")
     if cfg.rollout.routing_replay and not model.is_moe:
         raise ConfigError("rollout.routing_replay needs a mixture-of-experts policy (it "
                           "replays the rollout's expert choices): turn it off")
@@ -84,10 +94,6 @@ def check_policy(cfg: RunConfig, model, tokenizer, positions: int) -> None:
         raise ConfigError(  # a recomputed layer would route with a later micro-batch's choice
             "rollout.routing_replay with train.recompute=full needs parallel.pp=1: use "
             "recompute=selective, or pp=1")
-    if model.is_moe and cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
-        raise ConfigError(  # megatron's MoE layer refuses to train so
-            f"a mixture-of-experts policy at parallel.tp={cfg.parallel.tp} trains only with "
-            "sequence parallelism: set parallel.sequence_parallel=true")
 
 
 def build_policy(cfg: RunConfig, precision) -> list:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # What a run writes at the top of its directory; their presence means "another run is here".
 RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval.jsonl", "checkpoints",
-             "tensorboard", "reward_curves.png", "hf", "wandb")
+             "tensorboard", "reward_curves.png", "loss_curves.png", "hf", "wandb")
 LOCK_FILE = ".remax-run.lock"
 MANIFEST = ".remax-run.json"  # {"written_by": "remax-megatron", "files": [names a run writes]}
 OURS = (LOCK_FILE, MANIFEST)

@@ -1,8 +1,10 @@
-"""The training loop, one for every algorithm: rollout -> reward -> per-token advantages ->
-update(s) through megatron's schedule -> metrics and checkpoints (exact resume).
+"""RL training, one loop for every algorithm: rollout -> reward -> per-token advantages ->
+update(s) through megatron's schedule -> metrics and checkpoints (exact resume), on the shared
+training core (training/core.py).
 
 What differs between algorithms (which continuations to roll out, which extra models, how rewards
-become per-token advantages, the loss) lives in remax_megatron/algorithms, one small module each.
+become per-token advantages, the loss) lives in remax_megatron/algorithms, one small module each;
+the policy's passes over a step's experience in training/rl_passes.py.
 """
 
 from __future__ import annotations
@@ -12,57 +14,44 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..algorithms.common import whiten
-from ..config_io import ConfigError, save_yaml
+from ..config_io import ConfigError
 from ..data.loader import PromptLoader, share_of
 from ..data.prompts import Prompt, load_prompts
-from ..convert.hf_files import GENERATION_CONFIG
 from ..data.tokenizer import eos_token_ids
-from ..models.builder import dtype_from_name, sequence_multiple, sequence_parallel_off
+from ..models.builder import sequence_multiple, sequence_parallel_off
 from ..models.checkpoint import DTYPE_NAMES, read_checkpoint
-from ..models.locate import resolve_checkpoint
-from ..ops.logprobs import frame_log_probs
-from ..path_checks import check_apart, overlap
 from ..rollout.engine import generate
 from ..rollout.generate_command import left_pad
 from ..rollout.routes import RolloutRoutes, TrainingRoutes
-from ..rollout.sampling import GREEDY, SamplingParams
-from ..runtime.distributed import agreed, init_runtime, read_launch_env, shutdown
-from ..runtime.heartbeat import Heartbeat
+from ..rollout.sampling import SamplingParams
+from ..runtime.distributed import agreed
 from ..seeds import mix_seed
 from . import demo
-from .checkpointing import (
-    ExtraModel, check_training_checkpoint, load_training_checkpoint, save_training_checkpoint,
-)
-from .config import RunConfig, check_config, snapshot
+from .checkpointing import ExtraModel
+from .config import check_config
+from .core import TrainingRun
 from .critic import CRITIC_DIR, Critic, check_critic_fits, describe_critic
 from .critic import STATS as CRITIC_STATS
-from .engine import (
-    OptimizerSettings, apply_optimizer_settings, build_optimizer, build_scheduler, forward_only,
-    optimizer_settings, restore_schedule, to_precision, update, wrap_ddp,
-)
-from .export import HF_DIR, export_hf
-from .guards import SkippedSteps
-from .policy import build_policy, build_reference, check_policy, describe_policy, policy_tokenizer
+from .engine import restore_schedule, update
 from .experience import (
     RolloutShape, micro_batches, mini_batches, reward_items, sample_rows, split_rewards,
 )
-from .memory import format_states, model_state_bytes
-from .metrics import MetricsLogger
+from .memory import model_state_bytes
+from .metrics import RL_VIEW
+from .policy import build_reference, check_policy, describe_policy, policy_tokenizer
+from .rl_eval import greedy_evaluation
+from .rl_passes import PolicyPasses
 from .routing import RoutingStats
-from .run_dir import RunDirectory, newest_checkpoint
 from .step_metrics import (
     EXPERIENCE_STATS, ROLLOUT_STATS, UPDATE_STATS, peak_memory_gib, step_metrics,
 )
 
 log = logging.getLogger(__name__)
 
-EVAL_SHAPE = RolloutShape(1, False)  # one greedy response per held-out prompt
 
 
 @dataclass
@@ -77,129 +66,71 @@ class Experience:
     times: list  # start, rollout end, reward end (time.time()), seconds in the critic
 
 
-class Trainer:
-    def __init__(self, cfg: RunConfig, resume=False, overwrite: bool = False,
-                 allow_other_files: bool = False):
-        """``resume``: False, True (a checkpoint must exist) or "auto"; ``overwrite``: remove a
-        previous run's files from the output directory first; ``allow_other_files``: start in
-        an output directory that holds files no run wrote (see run_dir.py)."""
-        self.cfg = cfg
-        launch = read_launch_env()
-        _resolve_loads(cfg)
-        check_config(cfg, launch.world_size)
+class Trainer(PolicyPasses, TrainingRun):
+    LOADS = ("policy.load", "reward.load", "critic.load")
+    VIEW = RL_VIEW
+
+    @property
+    def policy(self):
+        return self.trained
+
+    # --- setup: everything cheap and checkable, before any model is built --------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        check_config(cfg, self.launch.world_size)
         self.alg = cfg.algorithm.module
         self.shape = RolloutShape(cfg.rollout.n_samples, self.alg.GREEDY_BASELINE)
-        self.out = Path(cfg.output_dir)
-        # Everything cheap and checkable comes before any model is built.
-        self.policy = describe_policy(cfg)
+        self.trained = describe_policy(cfg)
         self.tokenizer = policy_tokenizer(cfg)
-        check_policy(cfg, self.policy.config, self.tokenizer,
+        check_policy(cfg, self.trained.config, self.tokenizer,
                      cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
-        prompts = self._prompts()
-        self.loader = PromptLoader(prompts, cfg.data.max_prompt_length,
+        self.loader = PromptLoader(self._prompts(), cfg.data.max_prompt_length,
                                    cfg.train.global_batch_size, cfg.train.seed, cfg.data.shuffle)
         self.eval_prompts = self._eval_prompts()
+        self.has_eval = bool(self.eval_prompts)
         self.total_steps = cfg.train.steps or max(
             1, int(cfg.train.epochs * self.loader.steps_per_epoch()))
-        rule_reward = self._rule_reward(self.loader.prompts[0].text)
-        critic_source = None
+        self.rule_reward = self._rule_reward(self.loader.prompts[0].text)
+        self.critic_source = None
         if self.alg.CRITIC:
-            critic_source = describe_critic(
-                cfg.critic.load, cfg.reward.load, self.policy.config, self.policy.meta,
-                self.policy.config.vocab_size, self.tokenizer)
-            check_critic_fits(critic_source, launch.world_size, cfg.parallel.tp, cfg.parallel.pp,
+            self.critic_source = describe_critic(
+                cfg.critic.load, cfg.reward.load, self.trained.config, self.trained.meta,
+                self.trained.config.vocab_size, self.tokenizer)
+            check_critic_fits(self.critic_source, self.launch.world_size, cfg.parallel.tp,
+                              cfg.parallel.pp,
                               cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
-        self.run_dir = RunDirectory(self.out, resume, overwrite, allow_other_files)
-        self._check_inputs_apart_from_output(removes=overwrite or self.run_dir.resume == "auto")
-        self.runtime = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed,
-                                    backend=cfg.parallel.backend, model=self.policy.config,
-                                    ep=cfg.parallel.ep,
-                                    timeout_minutes=cfg.parallel.timeout_minutes)
-        self.heartbeat = Heartbeat(self.runtime.rank, self.runtime.world_size,
-                                   cfg.parallel.timeout_minutes)
-        try:
-            # Global rank 0 owns the output directory (lock, refuse or clean, decide on resume);
-            # every rank hears of a refusal, and of the checkpoint to resume from.
-            plan = agreed(lambda: self._plan(critic_source) if self.runtime.is_main else None)
-            shared = [str(plan.resume_from) if plan and plan.resume_from else None]
-            dist.broadcast_object_list(shared, src=0)
-            self.resume_from = Path(shared[0]) if shared[0] else None
-            self._build(critic_source, rule_reward)
-        except BaseException:
-            self.heartbeat.close()
-            self.run_dir.close()
-            raise
 
-    def _plan(self, critic_source):
-        plan = self.run_dir.prepare(newest_checkpoint)
-        if plan.resume_from is not None:
-            self._check_resumable(plan.resume_from, critic_source)
-        return plan
-
-    def _check_inputs_apart_from_output(self, removes: bool) -> None:
-        """output_dir is no input and lies inside none; with --overwrite (and --resume auto
-        without a checkpoint), which remove the old run's files, it holds none either."""
+    def inputs(self) -> dict:
         c = self.cfg
         rule_file = (c.reward.rule or "").rpartition(":")[0]
-        inputs = {"policy.load": c.policy.load, "reward.load": c.reward.load,
-                  "critic.load": c.critic.load, "data.path": c.data.path,
-                  "data.eval_path": c.data.eval_path,
-                  "reward.rule": rule_file if rule_file.endswith(".py") else None}
-        for name, value in inputs.items():
-            if not isinstance(value, str) or value == "policy":
-                continue
-            how = overlap(self.out, value)
-            if how in ("is", "lies inside"):
-                check_apart("output_dir", self.out, {name: value})
-            if how == "contains" and removes:
-                raise ConfigError(f"{name}={value} lies inside output_dir {self.out}, whose "
-                                  "previous run's files --overwrite / --resume auto may remove: "
-                                  "copy it elsewhere or choose another output_dir")
+        return {"policy.load": c.policy.load, "reward.load": c.reward.load,
+                "critic.load": c.critic.load, "data.path": c.data.path,
+                "data.eval_path": c.data.eval_path,
+                "reward.rule": rule_file if rule_file.endswith(".py") else None}
 
-    def _build(self, critic_source, rule_reward) -> None:
-        cfg = self.cfg
-        self.device = self.runtime.device
-        self.dtype = self._dtype()
-        self.model = build_policy(cfg, self._precision)
+    def build(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
         self.reference = (build_reference(cfg, self.model, self._precision)
                           if self.alg.uses_reference(cfg.algorithm) else None)
-        self.ddp = wrap_ddp(self.model, cfg.train.use_distributed_optimizer)
-        moe = self.policy.config.is_moe
+        moe = self.trained.config.is_moe
         self.routes = TrainingRoutes(self.model, cfg.rollout.routing_replay) if moe else None
         self.routing = (RoutingStats(self.model, self.device,
                                      lambda layer: self.routes.known.get(layer)) if moe else None)
         self._rollout_routes = None
-        t = cfg.train
-        self.optimizer = build_optimizer(self.ddp, self._optimizer_settings(t.lr, t.min_lr))
-        self.scheduler = build_scheduler(self.optimizer, t.lr, t.min_lr, t.warmup_steps,
-                                         self.total_steps, t.weight_decay)
         self.critic = None
-        if critic_source is not None:
+        if self.critic_source is not None:
             c = cfg.critic
             self.critic = Critic(
-                critic_source, self.model, self._precision,
-                self._optimizer_settings(t.lr if c.lr is None else c.lr,
-                                         t.min_lr if c.min_lr is None else c.min_lr),
+                self.critic_source, self.model, self._precision,
+                self.optimizer_settings(t.lr if c.lr is None else c.lr,
+                                        t.min_lr if c.min_lr is None else c.min_lr),
                 t.warmup_steps, self.total_steps, cfg.algorithm.clip_value,
                 load_weights=self.resume_from is None)
-        self.reward = rule_reward or self._reward_model()
+        self.reward = self.rule_reward or self._reward_model()
         self.eos = eos_token_ids(self.tokenizer, read_checkpoint(cfg.policy.load)
                                  if cfg.policy.load else None)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.step = 0
-        self.last_updates = 0  # policy updates in the last step (skipped_steps counts them)
-        self.skipped_steps = SkippedSteps(
-            0 if self.dtype == torch.float16 else cfg.train.max_skipped_steps)
-        self.samples = None  # a few prompts with their responses, on sample steps (rank 0)
-        if self.resume_from is not None:
-            self._resume(self.resume_from)
-        self.metrics = None
-        if self.runtime.is_main:
-            save_yaml(snapshot(cfg), self.out / "config.yaml")
-            self.metrics = MetricsLogger(self.out, self.total_steps, cfg.log.tensorboard,
-                                         cfg.log.wandb_project, snapshot(cfg), self.step)
 
-    # --- setup ------------------------------------------------------------------------------
     def _prompts(self) -> list[Prompt]:
         if self.cfg.data.builtin:
             return [Prompt(i, text, list(self.tokenizer(text).input_ids))
@@ -229,15 +160,6 @@ class Trainer:
 
         return RuleReward(self.cfg.reward.rule, probe_prompts=[probe_prompt])
 
-    def _dtype(self) -> torch.dtype:
-        name = self.cfg.train.dtype
-        if name == "auto":
-            name = "bf16" if self.device.type == "cuda" else "fp32"
-        return dtype_from_name(name)
-
-    def _precision(self, model):
-        return to_precision(model, self.dtype, self.device)
-
     def _reward_model(self):
         from megatron.core import parallel_state as ps
 
@@ -248,51 +170,26 @@ class Trainer:
         return RewardModelReward(r.load, r.tp, r.pp, r.micro_batch_size, self.tokenizer,
                                  r.tokenizer, speaker, self.device, self.dtype)
 
-    def _optimizer_settings(self, lr: float, min_lr: float) -> OptimizerSettings:
-        t = self.cfg.train
-        return OptimizerSettings(
-            lr=lr, min_lr=min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
-            use_distributed_optimizer=t.use_distributed_optimizer)
-
-    def _extra_models(self) -> list[ExtraModel]:
+    # --- what a checkpoint holds beyond the policy ----------------------------------------------
+    def extra_models(self) -> list[ExtraModel]:
         if self.critic is None:
             return []
         meta = dataclasses.replace(self.critic.source.meta, dtype=DTYPE_NAMES[self.dtype])
         return [ExtraModel(CRITIC_DIR, self.critic.ddp, self.critic.optimizer, meta,
                            self.critic.source.config, self.critic.source.hf_config)]
 
-    def _check_resumable(self, path: Path, critic_source) -> None:
-        """Everything about the checkpoint that can be checked before any model is built: its
-        files, its models against this run's, the optimizer type."""
-        critic = {CRITIC_DIR: critic_source.config} if critic_source is not None else None
-        state = check_training_checkpoint(path, self.policy.config, critic)
-        distributed = state.get("use_distributed_optimizer")  # absent: written before it was kept
-        if distributed is not None and distributed != self.cfg.train.use_distributed_optimizer:
-            raise ConfigError(f"{path} was saved with train.use_distributed_optimizer="
-                              f"{str(distributed).lower()}: resume with the same setting (the "
-                              "two optimizers store their state differently)")
+    def extra_configs(self) -> dict:
+        return {CRITIC_DIR: self.critic_source.config} if self.critic_source is not None else {}
 
-    def _resume(self, path: Path) -> None:
-        # The run's config wins over the checkpoint's (more steps, another LR or betas): the
-        # param groups' settings are put back after the load, and the schedule rebuilt from it
-        # at the saved step.
-        mine = optimizer_settings(self.optimizer)
-        critic_mine = optimizer_settings(self.critic.optimizer) if self.critic else None
-        state = load_training_checkpoint(path, self.ddp, self.optimizer, None,
-                                         self._extra_models())
-        apply_optimizer_settings(self.optimizer, mine)
-        changed = restore_schedule(self.scheduler, state["scheduler"])
+    def extra_state(self) -> dict:
+        return {"critic_scheduler": self.critic.scheduler.state_dict()} if self.critic else {}
+
+    def restore(self, state: dict) -> list[str]:
+        changed = super().restore(state)
         if self.critic is not None:
-            apply_optimizer_settings(self.critic.optimizer, critic_mine)
             changed += [f"critic {c}" for c in
                         restore_schedule(self.critic.scheduler, state["critic_scheduler"])]
-        self.step = state["step"]
-        self.loader.state.epoch, self.loader.state.cursor = state["loader"]
-        log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
-        if changed and self.runtime.is_main:
-            log.info("resume: the LR schedule follows this run's config, not the checkpoint's: "
-                     "%s", "; ".join(changed))
+        return changed
 
     # --- one step ---------------------------------------------------------------------------
     def _rollout(self, mine: list[tuple[int, Prompt]]):
@@ -305,7 +202,7 @@ class Trainer:
             return generate(self.ddp, ids, mask,
                             continuations=self.shape.continuations(sampling),
                             max_new_tokens=r.max_new_tokens, eos_token_ids=self.eos,
-                            vocab_size=self.policy.config.vocab_size,
+                            vocab_size=self.trained.config.vocab_size,
                             seed=mix_seed(self.cfg.train.seed, self.step),
                             sample_ids=torch.tensor([uid for uid, _ in mine]),
                             pad_token_id=self.pad,
@@ -320,86 +217,6 @@ class Trainer:
         finally:
             if self._rollout_routes is not None:
                 self._rollout_routes.close()
-
-    def _before_forward(self):
-        """What the policy's training-layout forwards run first (an MoE policy's routes)."""
-        return None if self.routes is None else self.routes.before_forward
-
-    def _log_probs(self, output, batch, with_entropy: bool = False):
-        r = self.cfg.rollout
-        if r.tempered_log_probs and r.temperature != 1.0:
-            output = output / r.temperature  # the distribution the rollout sampled from
-        return frame_log_probs(output, batch, self.policy.config.vocab_size, with_entropy)
-
-    def _reference_log_probs(self, batches, width) -> None:
-        """The frozen reference's log-probs of the sampled tokens (last stage only)."""
-
-        def record(output, batch):
-            batch["ref_log_probs"] = self._log_probs(output, batch)
-
-        forward_only(self.reference, batches, record, width, self.cfg.train.micro_batch_size)
-
-    def _old_log_probs(self, batches, width) -> None:
-        """The rollout weights' log-probs, fixed before the first of several updates (PPO/GRPO
-        with more than one epoch or mini-batch, or whitened advantages)."""
-
-        def record(output, batch):
-            batch["old_log_probs"] = self._log_probs(output, batch)
-            self._advantages(batch, batch["old_log_probs"])
-
-        for chunk in self.ddp:
-            chunk.eval()  # as in the rollout
-        forward_only(self.ddp, batches, record, width, self.cfg.train.micro_batch_size,
-                     before_forward=self._before_forward())
-
-    def _advantages(self, batch: dict, old_log_probs: torch.Tensor) -> torch.Tensor:
-        """The batch's per-token advantages (and PPO's returns, for the critic), made once per
-        step from the log-probs of the weights that rolled it out."""
-        if "advantages" in batch:
-            return batch["advantages"]
-        mask = batch["loss_mask"]
-        ref = batch.get("ref_log_probs")
-        adv, rets = self.alg.token_advantages(batch["outcome"], mask, old_log_probs, ref,
-                                              batch.get("values"), self.cfg.algorithm)
-        batch["advantages"] = adv
-        if rets is not None:
-            batch["returns"] = rets
-        kl = ((old_log_probs - ref) * mask).sum() if ref is not None else mask.sum() * 0
-        # rollout (KV-cached) vs training log-probs of the same tokens: should be ~0
-        mismatch = ((old_log_probs - batch["rollout_log_probs"]).abs() * mask).sum()
-        self._experience += torch.stack([mask.sum(), kl, mismatch, (adv * mask).sum(),
-                                         (adv ** 2 * mask).sum()]).detach().double()
-        return adv
-
-    def _whiten(self, batches) -> None:
-        """Advantages to zero mean and unit std over this step's tokens on all dp ranks."""
-        from megatron.core import parallel_state as ps
-
-        tokens, _, _, total, total_sq = self._experience.tolist()
-        stats = torch.tensor([tokens, total, total_sq], dtype=torch.float64, device=self.device)
-        dist.all_reduce(stats, group=ps.get_data_parallel_group())
-        tokens, total, total_sq = stats.tolist()
-        mean = total / max(tokens, 1.0)
-        std = max(total_sq / max(tokens, 1.0) - mean ** 2, 0.0) ** 0.5
-        if std < 1e-6 * max(1.0, abs(mean)):
-            std = 1.0  # no spread to normalize: only center (dividing would amplify round-off)
-        for batch in batches:
-            if "advantages" in batch:
-                batch["advantages"] = whiten(batch["advantages"], batch["loss_mask"], mean, std)
-
-    def _loss(self, output, batch):
-        mask = batch["loss_mask"]
-        lp, entropy = self._log_probs(output, batch, with_entropy=True)
-        # one update per rollout: the old policy is this forward's own (the ratio is exactly 1)
-        old = batch["old_log_probs"] if "old_log_probs" in batch else lp.detach()
-        adv = self._advantages(batch, old)
-        loss_sum, normalizer, clipped = self.alg.loss(lp, old, adv, mask,
-                                                      batch.get("ref_log_probs"),
-                                                      self.cfg.algorithm)
-        stats = torch.stack([mask.sum(), (entropy * mask).sum(), loss_sum.detach(),
-                             normalizer.float(), (clipped * mask).sum()])
-        self._update_stats += stats.detach()  # on the device: no host sync per micro-batch
-        return loss_sum, normalizer.round().to(torch.int), {}
 
     def make_experience(self) -> Experience:
         """Roll out this rank's prompts, score them, and prepare everything the updates read:
@@ -448,49 +265,8 @@ class Trainer:
         return Experience(batches, width, out, sampled, greedy,
                           [start, t_rollout, t_reward, critic_seconds])
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Greedy responses to the held-out prompts (data.eval_path), scored by the reward (the
-        official ReMax code's evaluation). Every rank calls it."""
-        from megatron.core import parallel_state as ps
-
-        self.heartbeat.enter("evaluate", self.step)
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        # as many rows per call as a training rollout generates (prompts x continuations)
-        per_call = max(1, self.cfg.train.global_batch_size // dp * self.shape.k)
-        mine = share_of(list(enumerate(self.eval_prompts)), dp_rank, dp)
-        # every rank makes the same number of reward calls (a reward model scores collectively)
-        calls = -(-len(self.eval_prompts) // (dp * per_call))
-        totals = torch.zeros(3, dtype=torch.float64)  # responses, reward sum, length sum
-        for call in range(calls):
-            chunk = mine[call * per_call:(call + 1) * per_call]
-            items, lengths = [], torch.zeros(0)
-            if chunk:
-                ids, mask = left_pad([p.ids for _, p in chunk], self.pad)
-                with sequence_parallel_off(self.ddp):
-                    out = generate(
-                        self.ddp, ids, mask, continuations=[GREEDY],
-                        max_new_tokens=self.cfg.rollout.max_new_tokens, eos_token_ids=self.eos,
-                        vocab_size=self.policy.config.vocab_size, seed=0,
-                        sample_ids=torch.tensor([i for i, _ in chunk]), pad_token_id=self.pad,
-                        pipeline_micro_batches=self.cfg.rollout.pipeline_micro_batches,
-                        cuda_graph=self.cfg.rollout.cuda_graph)
-                items, lengths = reward_items(EVAL_SHAPE, chunk, out, self.tokenizer), out.lengths
-            rewards = agreed(lambda: self.reward.score(items) if items or self.reward.collective
-                              else torch.zeros(0))
-            if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage():
-                totals += torch.tensor([len(items), float(rewards.sum()),
-                                        float(lengths.float().sum())], dtype=torch.float64)
-        totals = totals.to(self.device)
-        dist.all_reduce(totals)
-        count, reward, length = totals.tolist()
-        return {"eval/reward": reward / max(count, 1.0),
-                "eval/response_length": length / max(count, 1.0), "eval/prompts": int(count)}
-
-    def _eval_due(self) -> bool:
-        every = self.cfg.log.eval_every
-        return bool(self.eval_prompts) and (
-            self.step == self.total_steps or (every > 0 and self.step % every == 0))
+        return greedy_evaluation(self)
 
     def train_step(self) -> dict:
         """One step of whatever algorithm: experience, then its update(s)."""
@@ -571,7 +347,7 @@ class Trainer:
     def model_states(self) -> dict[str, dict[str, int]]:
         """Bytes of parameters, gradients and optimizer states of every model on this rank
         (complete once the optimizers have stepped: Adam's moments are made on the first step)."""
-        states = {"policy": model_state_bytes(self.model, self.ddp, self.optimizer)}
+        states = super().model_states()
         if self.critic is not None:
             states["critic"] = model_state_bytes(self.critic.model, self.critic.ddp,
                                                  self.critic.optimizer)
@@ -581,96 +357,14 @@ class Trainer:
             states["reward_model"] = model_state_bytes(self.reward.model)
         return states
 
-    # --- the loop ---------------------------------------------------------------------------
-    def save(self) -> Path:
-        self.heartbeat.enter("save", self.step)
-        state = {"step": self.step,
-                 "loader": [self.loader.state.epoch, self.loader.state.cursor],
-                 "use_distributed_optimizer": self.cfg.train.use_distributed_optimizer}
-        if self.critic is not None:
-            state["critic_scheduler"] = self.critic.scheduler.state_dict()
-        meta = dataclasses.replace(self.policy.meta, dtype=DTYPE_NAMES[self.dtype])
-        return save_training_checkpoint(
-            self.out, self.step, self.ddp, self.optimizer, self.scheduler, state, meta,
-            self.policy.config, self.policy.hf_config, self.tokenizer,
-            self.cfg.checkpoint.keep_last, extra_files=self._extra_files(),
-            extra_models=self._extra_models())
+    def announce(self) -> None:
+        log.info("training %s with %s for %d steps (%d prompts x %d samples per step, %d "
+                 "dropped as too long) -> %s", self.trained.meta.architecture,
+                 self.cfg.algorithm.name, self.total_steps, self.cfg.train.global_batch_size,
+                 self.shape.n_samples, self.loader.dropped, self.out)
 
-    def _extra_files(self) -> list[Path]:
-        """Files of the source checkpoint that exports need (extra EOS ids live there)."""
-        load = self.cfg.policy.load
-        path = Path(load) / GENERATION_CONFIG if load else None
-        return [path] if path is not None and path.is_file() else []
-
-    def run(self, stop_after: int | None = None) -> list[dict]:
-        """Train to the configured number of steps (or ``stop_after`` more steps). A collective
-        that times out (a rank hung) is one line naming the silent rank (runtime/heartbeat.py)."""
-        try:
-            return self._run(stop_after)
-        except RuntimeError as err:
-            message = self.heartbeat.explain(err)
-            if message is None:
-                raise
-            raise ConfigError(message) from None
-
-    def _run(self, stop_after: int | None) -> list[dict]:
-        history = []
-        every = self.cfg.checkpoint.save_every
-        end = self.total_steps if stop_after is None else min(self.total_steps,
-                                                              self.step + stop_after)
-        if self.runtime.is_main:
-            log.info("training %s with %s for %d steps (%d prompts x %d samples per step, %d "
-                     "dropped as too long) -> %s", self.policy.meta.architecture,
-                     self.cfg.algorithm.name, self.total_steps, self.cfg.train.global_batch_size,
-                     self.shape.n_samples, self.loader.dropped, self.out)
-        if self.eval_prompts and self.step == 0:
-            before = self.evaluate()  # the starting point, as the official code reports it
-            if self.metrics is not None:
-                self.metrics.log_eval(0, before)
-        while self.step < end:
-            self.samples = None
-            metrics = self.train_step()
-            if not history and self.runtime.is_main:
-                log.info(format_states(self.model_states()))
-            if self._eval_due():
-                result = self.evaluate()
-                metrics.update(result)
-                if self.metrics is not None:
-                    self.metrics.log_eval(self.step, result)
-            history.append(metrics)
-            if self.metrics is not None:
-                self.metrics.log(metrics)
-                if self.samples:
-                    self.metrics.log_samples(self.step, self.samples)
-            self.skipped_steps.after_step(self.step, metrics["skipped"], self.last_updates)
-            if every and self.step % every == 0 and self.step < self.total_steps:
-                self.save()
-        final = self.save() if self.step >= self.total_steps else None
-        if self.metrics is not None:
-            plot = self.metrics.close(self.cfg.log.plot)
-            if history:
-                first, last = self.metrics.history[0], self.metrics.history[-1]
-                greedy = (f" (greedy {first['reward/greedy']:.4f} -> {last['reward/greedy']:.4f})"
-                          if "reward/greedy" in last else "")
-                log.info("reward of sampled responses: %.4f at step %d -> %.4f at step %d%s%s",
-                         first["reward/sampled"], first["step"], last["reward/sampled"],
-                         last["step"], greedy, f"; plot: {plot}" if plot else "")
-        if final is not None and self.cfg.checkpoint.export_hf and self.runtime.is_main:
-            export_hf(final, self.out / HF_DIR)  # last: the run's own outputs are all written
-        return history
-
-    def close(self) -> None:
-        self.heartbeat.close()
-        shutdown()
-        self.run_dir.close()
-
-
-def _resolve_loads(cfg: RunConfig) -> None:
-    """policy.load, reward.load and critic.load may name a run directory, its checkpoints/ or
-    checkpoints/latest: each becomes the newest complete checkpoint there (logged)."""
-    for section, key in (("policy", "load"), ("reward", "load"), ("critic", "load")):
-        part = getattr(cfg, section)
-        value = getattr(part, key)
-        if isinstance(value, str) and value != "policy" and Path(value).exists():
-            # (a missing path gets check_config's error, with its hint for that setting)
-            setattr(part, key, str(resolve_checkpoint(value, f"{section}.{key}")))
+    def summary(self, first: dict, last: dict) -> str:
+        greedy = (f" (greedy {first['reward/greedy']:.4f} -> {last['reward/greedy']:.4f})"
+                  if "reward/greedy" in last else "")
+        return (f"reward of sampled responses: {first['reward/sampled']:.4f} at step "
+                f"{first['step']} -> {last['reward/sampled']:.4f} at step {last['step']}{greedy}")

@@ -20,15 +20,14 @@ import torch.distributed as dist
 
 from remax_megatron.data.loader import share_of
 from remax_megatron.data.prompts import Prompt
-from remax_megatron.models.builder import sequence_multiple, unwrap
-from remax_megatron.models.sharding import assemble_full, local_shards
+from remax_megatron.models.builder import sequence_multiple
 from remax_megatron.rollout.engine import GenerationOutput
 from remax_megatron.training import demo
 from remax_megatron.training.config import load_config
 from remax_megatron.training.engine import forward_backward
 from remax_megatron.training.experience import micro_batches
 from remax_megatron.training.trainer import EXPERIENCE_STATS, UPDATE_STATS, Trainer
-from worker_io import layout_parser
+from worker_io import gather_full_grads, grad_report, layout_parser
 
 
 def fake_rollout(mine, ref, shape) -> GenerationOutput:
@@ -103,42 +102,16 @@ def main() -> int:
     for chunk in trainer.ddp:  # the policy's virtual pipeline chunks (one here)
         chunk.train()
     forward_backward(trainer.ddp, batches, trainer._loss, seq_length=width, micro_batch_size=2)
-    grads = {name: p.main_grad.clone() for name, p in unwrap(trainer.ddp).named_parameters()}
     speaker = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage()
     stats = trainer._update_stats if speaker else torch.zeros_like(trainer._update_stats)
     dist.all_reduce(stats)
-    # each rank's gradients through a file (a 135M model's pickled through all_gather_object
-    # take tens of seconds)
-    exchange = Path(args.report).parent
-    torch.save({"tp": ps.get_tensor_model_parallel_rank(),
-                "pp": ps.get_pipeline_model_parallel_rank(), "dp": dp_rank,
-                "grads": local_shards(trainer.ddp, grads)}, exchange / f"grads_{dist.get_rank()}.pt")
-    dist.barrier()
-    per_rank = [torch.load(exchange / f"grads_{r}.pt", weights_only=False)
-                for r in range(dist.get_world_size())] if dist.get_rank() == 0 else []
+    full = gather_full_grads(trainer.ddp, Path(args.report).parent,
+                             trainer.policy.config.vocab_size, args.ep)
     if dist.get_rank() == 0:
-        # the first ep dp ranks hold every expert between them (and the same dense gradients)
-        stages: dict = {}
-        for r in sorted((r for r in per_rank if r["dp"] < args.ep),
-                        key=lambda r: (r["dp"], r["pp"], r["tp"])):
-            stages.setdefault((r["dp"], r["pp"]), []).append(r["grads"])
-        full = {}
-        for shards in stages.values():
-            full.update(assemble_full(shards, trainer.policy.config.vocab_size))
         s = dict(zip(UPDATE_STATS, stats.tolist()))
         report = {"loss": abs(s["loss"] / s["normalizer"] - ref["expected_loss"]) / max(
             1.0, abs(ref["expected_loss"]))}
-        scale = max(t.abs().max().item() for t in ref["expected_grads"].values())
-        for name, want in ref["expected_grads"].items():
-            got = full[name]
-            if got.shape != want.shape:
-                print("SHAPE", name, tuple(got.shape), tuple(want.shape), flush=True)
-            report[f"grad/{name}"] = (got - want).abs().max().item() / scale
-        norm = lambda grads: sum(g.double().pow(2).sum() for g in grads).sqrt().item()
-        want_norm = norm(ref["expected_grads"].values())
-        report["grad_norm"] = abs(norm(full.values()) - want_norm) / want_norm
-        missing = set(ref["expected_grads"]) ^ set(full)
-        report["names_match"] = 0.0 if not missing else float("inf")
+        report.update(grad_report(full, ref["expected_grads"]))
         Path(args.report).write_text(json.dumps(report, indent=1))
     trainer.close()
     return 0
