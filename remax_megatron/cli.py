@@ -210,7 +210,8 @@ def _run_train(args) -> int:
     if args.print_config:
         import yaml
 
-        from .training.config import check_config, snapshot
+        from .training.config import snapshot
+        from .training.config_checks import check_config
 
         check_config(cfg, _world_size_to_check(cfg))  # print only what train would accept
         print(yaml.safe_dump(snapshot(cfg), sort_keys=False), end="", flush=True)

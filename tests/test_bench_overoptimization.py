@@ -4,6 +4,8 @@ with the gold and proxy rewards and the KL recorded, the table and the PNG."""
 
 import json
 
+import pytest
+
 from conftest import run_python
 
 
@@ -17,9 +19,11 @@ def test_quick_overoptimization_run_reports_every_algorithm(tmp_path):
         rows = run["rows"]
         assert [r["step"] for r in rows] == [0, 1, 2]
         assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] > 0.0  # the policy left its reference
-        # the same starting policy and held-out prompts: the same gold and proxy reward
+        # the same starting policy and held-out prompts: the same gold and proxy reward (the
+        # proxy up to rounding: each algorithm scores the prompts in batches of its own size)
         first = results["runs"]["remax"]["rows"][0]
-        assert (rows[0]["gold"], rows[0]["proxy"]) == (first["gold"], first["proxy"])
+        assert rows[0]["gold"] == pytest.approx(first["gold"])
+        assert rows[0]["proxy"] == pytest.approx(first["proxy"], abs=1e-4)
         assert all(0.0 <= r["gold"] <= 1.0 for r in rows)
     assert (tmp_path / "overoptimization.png").stat().st_size > 10000
     assert "| remax |" in proc.stdout and "gold peak" in proc.stdout

@@ -29,7 +29,8 @@ import torch
 from conftest import ROOT, WORKERS, run_metrics, run_python, run_torchrun
 from remax_megatron.config_io import ConfigError
 from remax_megatron.training import rng_state
-from remax_megatron.training.checkpointing import _prune, check_training_checkpoint
+from remax_megatron.training.checkpoint_checks import check_training_checkpoint
+from remax_megatron.training.checkpointing import _prune
 
 FAULTS = WORKERS / "checkpoint_faults.py"
 SMALL = ["train.global_batch_size=8", "train.micro_batch_size=4", "rollout.max_new_tokens=8",

@@ -143,15 +143,20 @@ def sft_reference(root):
     tok = tiny.build_tokenizer(300)
     model = tiny.build_hf_model("LlamaForCausalLM", len(tok), seed=4)
     ckpt = hf_to_mcore(tiny.save_hf(model, tok, root / "hf"), root / "ckpt")
-    data = write_rows(root / "sft.jsonl", sft_rows(8))
-    nll, tokens = torch.zeros(()), 0
-    for row in load_sft(data, tok):
-        logits = model(torch.tensor([row.ids])).logits[0, :-1]
-        logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(row.ids[1:])[:, None])[:, 0]
-        mask = torch.tensor(row.trained[1:], dtype=torch.float32)
-        nll, tokens = nll - (logp * mask).sum(), tokens + int(mask.sum())
-    loss = nll / tokens  # the mean over every response token of the global batch
-    return model, ckpt, data, loss, {}
+    rows = sft_rows(8)
+
+    def loss_on(data):
+        """The mean over every response token of the rows (the global batch)."""
+        nll, tokens = torch.zeros(()), 0
+        for row in load_sft(data, tok):
+            logits = model(torch.tensor([row.ids])).logits[0, :-1]
+            logp = torch.log_softmax(logits, -1).gather(
+                -1, torch.tensor(row.ids[1:])[:, None])[:, 0]
+            mask = torch.tensor(row.trained[1:], dtype=torch.float32)
+            nll, tokens = nll - (logp * mask).sum(), tokens + int(mask.sum())
+        return nll / tokens, {}
+
+    return model, ckpt, rows, loss_on
 
 
 def rm_reference(root):
@@ -160,18 +165,27 @@ def rm_reference(root):
     model = tiny.build_hf_model("LlamaForSequenceClassification", len(tok), seed=5,
                                 num_labels=1, pad_token_id=tok.pad_token_id)
     ckpt = hf_to_mcore(tiny.save_hf(model, tok, root / "hf"), root / "ckpt")
-    data = write_rows(root / "pairs.jsonl", pair_rows(8))
-    losses, correct = [], 0
-    for pair in load_pairs(data, tok):
-        chosen = model(torch.tensor([pair.chosen])).logits[0, 0]
-        rejected = model(torch.tensor([pair.rejected])).logits[0, 0]
-        losses.append(-F.logsigmoid(chosen - rejected))
-        correct += int(chosen > rejected)
-    return model, ckpt, data, torch.stack(losses).mean(), {"expected_accuracy": correct / 8}
+
+    def loss_on(data):
+        losses, correct = [], 0
+        for pair in load_pairs(data, tok):
+            chosen = model(torch.tensor([pair.chosen])).logits[0, 0]
+            rejected = model(torch.tensor([pair.rejected])).logits[0, 0]
+            losses.append(-F.logsigmoid(chosen - rejected))
+            correct += int(chosen > rejected)
+        return torch.stack(losses).mean(), {"accuracy": correct / len(losses)}
+
+    return model, ckpt, pair_rows(8), loss_on
 
 
 def write_reference(root, kind) -> str:
-    model, ckpt, data, loss, extra = (sft_reference if kind == "sft" else rm_reference)(root)
+    """The loss and gradients on all 8 rows (one global batch), and the loss (and accuracy) on
+    the first 5 as held-out rows: at dp2 one rank evaluates a filler beside its real rows."""
+    model, ckpt, rows, loss_on = (sft_reference if kind == "sft" else rm_reference)(root)
+    data, held = write_rows(root / "d.jsonl", rows), write_rows(root / "e.jsonl", rows[:5])
+    with torch.no_grad():
+        eval_loss, eval_extra = loss_on(held)
+    loss, extra = loss_on(data)
     model.zero_grad()
     loss.backward()
     info = from_hf_config(model.config.to_dict())
@@ -179,8 +193,10 @@ def write_reference(root, kind) -> str:
     grads = {name: p.grad for name, p in model.named_parameters()}
     expected = dict(rules.to_mcore(family.rules(info.config, kind == "rm"), grads.__getitem__))
     path = root / "ref.pt"
-    torch.save({"kind": kind, "checkpoint": str(ckpt), "data": data, "rows": 8,
-                "expected_loss": loss.item(), "expected_grads": expected, **extra}, path)
+    torch.save({"kind": kind, "checkpoint": str(ckpt), "data": data, "eval": held, "rows": 8,
+                "expected_loss": loss.item(), "expected_grads": expected,
+                "expected_eval": {"loss": eval_loss.item(), **eval_extra},
+                **{f"expected_{k}": v for k, v in extra.items()}}, path)
     return str(path)
 
 
@@ -202,6 +218,8 @@ def test_loss_and_gradients_match_transformers(kind, layout, tmp_path):
     assert rows == 8 if kind == "rm" else rows > 8  # every pair / response token counted once
     assert report.pop("loss") < 1e-5
     assert report.pop("accuracy", 0.0) < 1e-9
+    assert report.pop("eval/loss") < 1e-5
+    assert report.pop("eval/accuracy", 0.0) < 1e-9
     assert report.pop("grad_norm") < TOL
     assert len(report) > 10
     bad = {k: v for k, v in report.items() if not v < TOL}

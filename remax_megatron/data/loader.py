@@ -74,3 +74,16 @@ class PromptLoader:
 def share_of(batch: list, dp_rank: int, dp: int) -> list:
     """This data-parallel rank's disjoint share of a global batch."""
     return batch[dp_rank::dp]
+
+
+def held_out(rows: list, limit: int, path, what: str, limit_name: str) -> list:
+    """The held-out rows (anything with ``ids``) that fit ``limit``; those longer are dropped
+    like training's, with a line; none fitting is an error."""
+    kept = [row for row in rows if len(row.ids) <= limit]
+    if not kept:
+        raise ConfigError(f"data.eval_path={path}: none of its {len(rows)} {what} fits "
+                          f"{limit_name}={limit}")
+    if len(kept) < len(rows):
+        log.warning("data.eval_path: dropped %d of %d %s longer than %s", len(rows) - len(kept),
+                    len(rows), what, limit_name)
+    return kept

@@ -29,9 +29,8 @@ from ..models.locate import resolve_checkpoint
 from ..path_checks import check_apart, overlap
 from ..runtime.distributed import agreed, init_runtime, read_launch_env, shutdown
 from ..runtime.heartbeat import Heartbeat
-from .checkpointing import (
-    ExtraModel, check_training_checkpoint, load_training_checkpoint, save_training_checkpoint,
-)
+from .checkpoint_checks import check_training_checkpoint
+from .checkpointing import ExtraModel, load_training_checkpoint, save_training_checkpoint
 from .engine import (
     OptimizerSettings, apply_optimizer_settings, build_optimizer, build_scheduler,
     optimizer_settings, restore_schedule, to_precision, wrap_ddp,
@@ -49,6 +48,7 @@ log = logging.getLogger(__name__)
 class TrainingRun:
     LOADS = ("policy.load",)  # settings that may name a run directory (resolved to a checkpoint)
     VIEW = None  # metrics.View: how the progress line, evaluations and plot look
+    MODEL_NAME = "policy"  # what the trained model is called in logs
 
     def __init__(self, cfg, resume=False, overwrite: bool = False,
                  allow_other_files: bool = False):
@@ -128,8 +128,6 @@ class TrainingRun:
     def summary(self, first: dict, last: dict) -> str:
         """The run's last log line (plot path appended)."""
         return ""
-
-    MODEL_NAME = "policy"  # what the trained model is called in logs
 
     def model_states(self) -> dict[str, dict[str, int]]:
         """Bytes of parameters, gradients and optimizer states of every model on this rank

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml
-from .config import (
-    BaseLogConfig, CheckpointConfig, ParallelConfig, PolicyConfig, TrainConfig,
-    _check_scale_features, check_policy_source, check_shared, shared_ranges,
+from .config import BaseLogConfig, CheckpointConfig, ParallelConfig, PolicyConfig, TrainConfig
+from .config_checks import (
+    check_policy_source, check_scale_features, check_shared, shared_ranges,
 )
 
 
@@ -85,7 +85,7 @@ def check_finetune_config(cfg, world_size: int) -> None:
     check_shared(cfg, shared_ranges(cfg) + [
         ("data.max_length", d.max_length, d.max_length is None or d.max_length >= 2,
          ">= 2 (tokens of a row)")])
-    _check_scale_features(cfg)
+    check_scale_features(cfg)
     if isinstance(cfg, RMConfig) and cfg.parallel.sequence_parallel:
         raise ConfigError("train-rm does not use sequence parallelism (its scalar head reads "
                           "whole sequences): set parallel.sequence_parallel=false")

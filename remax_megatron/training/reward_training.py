@@ -44,8 +44,6 @@ def pair_batches(pairs: list, weights: list[float], micro_batch_size: int, pad_i
             "position_ids": torch.arange(width).expand(len(sides), width).to(device),
             "last": torch.tensor([len(s) - 1 for s in sides], device=device),
             "weight": torch.tensor([weights[i] for i in chosen], device=device),
-            "tokens": torch.tensor(sum((len(pairs[i].chosen) + len(pairs[i].rejected))
-                                       * weights[i] for i in chosen), device=device),
         })
     return batches, max(b["input_ids"].size(1) for b in batches)
 
@@ -73,7 +71,7 @@ class RewardModelRun(SupervisedRun):
     VIEW = RM_VIEW
     UNIT = "pairs"
     MODEL_NAME = "reward_model"
-    STATS = ("pairs", "loss", "correct", "margin", "chosen", "rejected", "tokens")
+    STATS = ("pairs", "loss", "correct", "margin", "chosen", "rejected", "processed")
 
     def describe_model(self) -> Policy:
         p = self.cfg.policy
@@ -135,11 +133,14 @@ class RewardModelRun(SupervisedRun):
         correct = (d > 0).float() + 0.5 * (d == 0).float()
         stats = torch.stack([weight.sum(), loss.detach(), (correct * weight).sum(),
                              (d * weight).sum(), (chosen.detach() * weight).sum(),
-                             (rejected.detach() * weight).sum(), batch["tokens"]])
+                             (rejected.detach() * weight).sum(), weight.new_zeros(())])
         return loss, weight.sum(), stats
+
+    def tokens_in(self, pair) -> int:
+        return len(pair.chosen) + len(pair.rejected)
 
     def describe(self, sums: dict) -> dict:
         pairs = max(sums["pairs"], 1.0)
         return {"loss": sums["loss"] / pairs, "accuracy": sums["correct"] / pairs,
                 "margin": sums["margin"] / pairs, "reward/chosen": sums["chosen"] / pairs,
-                "reward/rejected": sums["rejected"] / pairs, "tokens": sums["tokens"]}
+                "reward/rejected": sums["rejected"] / pairs}

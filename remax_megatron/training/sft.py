@@ -30,17 +30,18 @@ def sft_batches(rows: list, weights: list[float], micro_batch_size: int, pad_id:
         width = max(len(rows[i].ids) for i in chosen)
         width = -(-width // width_multiple) * width_multiple
         ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(chosen), width - 1)
+        trained = torch.zeros(len(chosen), width - 1)
         for j, i in enumerate(chosen):
             row = rows[i]
             ids[j, :len(row.ids)] = torch.tensor(row.ids)
-            mask[j, :len(row.ids) - 1] = torch.tensor(row.trained[1:], dtype=torch.float32)
-            mask[j] *= weights[i]
+            trained[j, :len(row.ids) - 1] = torch.tensor(row.trained[1:], dtype=torch.float32)
+        weight = torch.tensor([weights[i] for i in chosen])[:, None]
         batches.append({
             "input_ids": ids.to(device),
             "position_ids": torch.arange(width).expand(len(chosen), width).to(device),
-            "loss_mask": mask.to(device),
-            "logit_positions": mask.nonzero().to(device),
+            "loss_mask": (trained * weight).to(device),
+            # a filler's positions too: never an empty selection (a micro-batch of fillers)
+            "logit_positions": trained.nonzero().to(device),
         })
     return batches, max(b["input_ids"].size(1) for b in batches)
 
@@ -66,7 +67,7 @@ SFT_VIEW = View(progress_line, eval_line, plot_losses)
 class SFTRun(SupervisedRun):
     KIND = "sft"
     VIEW = SFT_VIEW
-    STATS = ("tokens", "nll")
+    STATS = ("tokens", "nll", "processed")
 
     def describe_model(self):
         return describe_policy(self.cfg)
@@ -81,7 +82,7 @@ class SFTRun(SupervisedRun):
     def loss_terms(self, output, batch):
         mask = batch["loss_mask"]
         nll = -(frame_log_probs(output, batch, self.trained.config.vocab_size) * mask).sum()
-        return nll, mask.sum(), torch.stack([mask.sum(), nll.detach()])
+        return nll, mask.sum(), torch.stack([mask.sum(), nll.detach(), mask.new_zeros(())])
 
     def describe(self, sums: dict) -> dict:
         loss = sums["nll"] / max(sums["tokens"], 1.0)

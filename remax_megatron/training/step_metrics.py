@@ -1,11 +1,12 @@
-"""One RL step's metrics row from its sums (reduced over every rank) and timings: pure
-arithmetic, no collectives."""
+"""One RL step's metrics row: its sums and timings gathered over the ranks
+(gather_step_metrics), and the row from them (step_metrics: pure arithmetic)."""
 
 from __future__ import annotations
 
 import resource
 
 import torch
+import torch.distributed as dist
 
 # per-step sums reduced over all ranks; each rank fills the part it owns
 ROLLOUT_STATS = ("prompts", "n", "reward_sampled", "reward_sampled_sq", "reward_greedy",
@@ -83,3 +84,43 @@ def peak_memory_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def gather_step_metrics(run, exp, policy: list, critic: list, times: tuple, lrs: dict) -> dict:
+    """The RL step's sums reduced over every rank (each rank fills the part it owns: the
+    rollout's on the first stage, the passes' on the last, tp rank 0 only) and its slowest
+    rank's timings, as the metrics row. ``run``: the RL Trainer; ``exp``: the step's
+    Experience; ``times``: start, rollout end, reward end, train end, critic seconds."""
+    from megatron.core import parallel_state as ps
+
+    from .critic import STATS as CRITIC_STATS
+
+    sampled, greedy = exp.sampled, exp.greedy
+    speaker = ps.get_tensor_model_parallel_rank() == 0
+    rollout = torch.zeros(len(ROLLOUT_STATS), dtype=torch.float64)
+    if speaker and ps.is_pipeline_first_stage():
+        lengths = exp.out.lengths.float().cpu().view(-1, run.shape.k)
+        first = int(run.shape.greedy)
+        rollout = torch.tensor([
+            sampled.size(0), sampled.numel(), sampled.sum(), (sampled ** 2).sum(),
+            greedy.sum() if greedy is not None else 0.0, lengths[:, first:].sum(),
+            lengths[:, 0].sum() if greedy is not None else 0.0, lengths.sum()],
+            dtype=torch.float64)
+    last = speaker and ps.is_pipeline_last_stage()
+    critic_stats = (run.critic.stats if run.critic is not None
+                    else torch.zeros(len(CRITIC_STATS), device=run.device))
+    train = torch.cat([run._experience, run._update_stats.double(), critic_stats.double()])
+    totals = torch.cat([rollout.to(run.device), train if last else torch.zeros_like(train)])
+    dist.all_reduce(totals)
+    start, t_rollout, t_reward, t_train, t_critic = times
+    spans = torch.tensor([t_rollout - start, t_reward - t_rollout, t_critic,
+                          t_train - t_reward - t_critic, t_train - start,
+                          peak_memory_gib(run.device)],
+                         dtype=torch.float64, device=run.device)
+    dist.all_reduce(spans, op=dist.ReduceOp.MAX)
+    s = dict(zip(ROLLOUT_STATS + EXPERIENCE_STATS + UPDATE_STATS + CRITIC_STATS,
+                 totals.tolist()))
+    return step_metrics(s, spans.tolist(), policy, critic if run.critic is not None else None,
+                        lrs, step=run.step, epoch=run.loader.state.epoch,
+                        greedy=run.shape.greedy,
+                        clipped=run.cfg.algorithm.clip_ratio is not None)

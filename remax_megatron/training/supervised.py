@@ -5,7 +5,8 @@ rows, forward only. A kind says what a row is, how rows become micro-batches, an
 
   load(path)               the file's rows (one-line errors for bad rows)
   micro_batches(rows)      -> (batches, width); rows with weight 0 are fillers (evaluation)
-  loss_terms(out, batch)   -> (loss sum, normalizer, STATS sums): megatron divides the gradient
+  loss_terms(out, batch)   -> (loss sum, normalizer, STATS sums but the last, "processed": the
+                              tokens read, which the step adds): megatron divides the gradient
                               by the global normalizer, so the loss is exact at any layout
   describe(sums)           the named metrics of STATS' global sums (train and eval alike)
 """
@@ -18,8 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..config_io import ConfigError
-from ..data.loader import PromptLoader, share_of
+from ..data.loader import PromptLoader, held_out, share_of
 from .core import TrainingRun
 from .engine import forward_only, update
 from .finetune_config import check_finetune_config
@@ -52,18 +52,10 @@ class SupervisedRun(TrainingRun):
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _eval_rows(self) -> list:
-        path, limit = self.cfg.data.eval_path, self.max_length
+        path = self.cfg.data.eval_path
         if path is None:
             return []
-        rows = self.load(path)
-        kept = [row for row in rows if len(row.ids) <= limit]
-        if not kept:
-            raise ConfigError(f"data.eval_path={path}: none of its {len(rows)} {self.UNIT} fits "
-                              f"data.max_length={limit}")
-        if len(kept) < len(rows):
-            log.warning("data.eval_path: dropped %d of %d %s longer than data.max_length",
-                        len(rows) - len(kept), len(rows), self.UNIT)
-        return kept
+        return held_out(self.load(path), self.max_length, path, self.UNIT, "data.max_length")
 
     def inputs(self) -> dict:
         c = self.cfg
@@ -92,6 +84,9 @@ class SupervisedRun(TrainingRun):
 
     def describe(self, sums: dict) -> dict:
         raise NotImplementedError
+
+    def tokens_in(self, row) -> int:
+        return len(row.ids)
 
     # --- one step ---------------------------------------------------------------------------
     def _loss(self, output, batch):
@@ -129,6 +124,8 @@ class SupervisedRun(TrainingRun):
             log.warning("step %d: non-finite loss or gradient: the update was skipped, the "
                         "weights unchanged", self.step + 1)
         self.step, self.last_updates = self.step + 1, 1
+        # every token the step read (prompts too): its throughput
+        self._sums[self.STATS.index("processed")] += sum(self.tokens_in(row) for row in rows)
         sums = self._global_sums()
         spans = torch.tensor([time.time() - start, peak_memory_gib(self.device)],
                              dtype=torch.float64, device=self.device)
@@ -137,7 +134,7 @@ class SupervisedRun(TrainingRun):
         return {"step": self.step, **self.describe(sums),
                 "grad_norm": grad_norm if applied else float("nan"), "lr": lr,
                 "skipped": int(not applied), "time/step": seconds,
-                "tokens_per_second": sums["tokens"] / max(seconds, 1e-9),
+                "tokens_per_second": sums["processed"] / max(seconds, 1e-9),
                 "memory/peak_gib": peak, "epoch": self.loader.state.epoch}
 
     @torch.no_grad()

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config_io import ConfigError
-from ..data.loader import PromptLoader, share_of
+from ..data.loader import PromptLoader, held_out, share_of
 from ..data.prompts import Prompt, load_prompts
 from ..data.tokenizer import eos_token_ids
 from ..models.builder import sequence_multiple, sequence_parallel_off
@@ -32,7 +31,7 @@ from ..runtime.distributed import agreed
 from ..seeds import mix_seed
 from . import demo
 from .checkpointing import ExtraModel
-from .config import check_config
+from .config_checks import check_config
 from .core import TrainingRun
 from .critic import CRITIC_DIR, Critic, check_critic_fits, describe_critic
 from .critic import STATS as CRITIC_STATS
@@ -46,9 +45,7 @@ from .policy import build_reference, check_policy, describe_policy, policy_token
 from .rl_eval import greedy_evaluation
 from .rl_passes import PolicyPasses
 from .routing import RoutingStats
-from .step_metrics import (
-    EXPERIENCE_STATS, ROLLOUT_STATS, UPDATE_STATS, peak_memory_gib, step_metrics,
-)
+from .step_metrics import EXPERIENCE_STATS, UPDATE_STATS, gather_step_metrics
 
 log = logging.getLogger(__name__)
 
@@ -139,18 +136,11 @@ class Trainer(PolicyPasses, TrainingRun):
 
     def _eval_prompts(self) -> list[Prompt]:
         """The held-out prompts (data.eval_path), over-length ones dropped like training's."""
-        path = self.cfg.data.eval_path
-        if path is None:
+        d = self.cfg.data
+        if d.eval_path is None:
             return []
-        prompts = load_prompts(path, self.tokenizer)
-        kept = [p for p in prompts if len(p.ids) <= self.cfg.data.max_prompt_length]
-        if not kept:
-            raise ConfigError(f"data.eval_path={path}: none of its {len(prompts)} prompts fits "
-                              f"data.max_prompt_length={self.cfg.data.max_prompt_length}")
-        if len(kept) < len(prompts):
-            log.warning("data.eval_path: dropped %d of %d prompts longer than "
-                        "data.max_prompt_length", len(prompts) - len(kept), len(prompts))
-        return kept
+        return held_out(load_prompts(d.eval_path, self.tokenizer), d.max_prompt_length,
+                        d.eval_path, "prompts", "data.max_prompt_length")
 
     def _rule_reward(self, probe_prompt: str):
         """The rule, imported and called once on a real prompt before any model is built."""
@@ -301,8 +291,8 @@ class Trainer(PolicyPasses, TrainingRun):
         t_train = time.time()
         self.step += 1
         start, t_rollout, t_reward, critic_seconds = exp.times
-        metrics = self._metrics(exp.out, exp.sampled, exp.greedy, policy, critic,
-                                (start, t_rollout, t_reward, t_train, critic_seconds), lrs)
+        metrics = gather_step_metrics(self, exp, policy, critic,
+                                      (start, t_rollout, t_reward, t_train, critic_seconds), lrs)
         if self.routing is not None:
             self.routes.after()
             metrics.update(self.routing.metrics(len(exp.batches) * (alg.ppo_epochs or 1)))
@@ -311,38 +301,6 @@ class Trainer(PolicyPasses, TrainingRun):
                 dist.all_reduce(counts)
                 metrics["moe/routing_mismatch"] = counts[0].item() / max(counts[1].item(), 1.0)
         return metrics
-
-    def _metrics(self, out, sampled, greedy, policy, critic, times, lrs) -> dict:
-        from megatron.core import parallel_state as ps
-
-        speaker = ps.get_tensor_model_parallel_rank() == 0
-        rollout = torch.zeros(len(ROLLOUT_STATS), dtype=torch.float64)
-        if speaker and ps.is_pipeline_first_stage():
-            lengths = out.lengths.float().cpu().view(-1, self.shape.k)
-            first = int(self.shape.greedy)
-            rollout = torch.tensor([
-                sampled.size(0), sampled.numel(), sampled.sum(), (sampled ** 2).sum(),
-                greedy.sum() if greedy is not None else 0.0, lengths[:, first:].sum(),
-                lengths[:, 0].sum() if greedy is not None else 0.0, lengths.sum()],
-                dtype=torch.float64)
-        last = speaker and ps.is_pipeline_last_stage()
-        critic_stats = (self.critic.stats if self.critic is not None
-                        else torch.zeros(len(CRITIC_STATS), device=self.device))
-        train = torch.cat([self._experience, self._update_stats.double(), critic_stats.double()])
-        totals = torch.cat([rollout.to(self.device), train if last else torch.zeros_like(train)])
-        dist.all_reduce(totals)
-        start, t_rollout, t_reward, t_train, t_critic = times
-        spans = torch.tensor([t_rollout - start, t_reward - t_rollout, t_critic,
-                              t_train - t_reward - t_critic, t_train - start,
-                              peak_memory_gib(self.device)],
-                             dtype=torch.float64, device=self.device)
-        dist.all_reduce(spans, op=dist.ReduceOp.MAX)
-        s = dict(zip(ROLLOUT_STATS + EXPERIENCE_STATS + UPDATE_STATS + CRITIC_STATS,
-                     totals.tolist()))
-        return step_metrics(s, spans.tolist(), policy, critic if self.critic is not None else None,
-                            lrs, step=self.step, epoch=self.loader.state.epoch,
-                            greedy=self.shape.greedy,
-                            clipped=self.cfg.algorithm.clip_ratio is not None)
 
     def model_states(self) -> dict[str, dict[str, int]]:
         """Bytes of parameters, gradients and optimizer states of every model on this rank

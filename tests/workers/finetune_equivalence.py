@@ -32,6 +32,7 @@ def main() -> int:
     sft = ref["kind"] == "sft"
     cfg = load_finetune_config(SFTConfig if sft else RMConfig, None, [
         f"policy.load={ref['checkpoint']}", f"data.path={ref['data']}",
+        f"data.eval_path={ref['eval']}",
         f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
         f"parallel.sequence_parallel={str(args.sequence_parallel).lower()}",
         f"train.global_batch_size={ref['rows']}", "train.micro_batch_size=2",
@@ -45,12 +46,15 @@ def main() -> int:
     forward_backward(run.ddp, batches, run._loss, seq_length=width, micro_batch_size=2)
     sums = run._global_sums()
     full = gather_full_grads(run.ddp, Path(args.report).parent, run.trained.config.vocab_size)
+    held_out = run.evaluate()  # 5 rows: at dp2 one rank adds a filler of weight 0
     if dist.get_rank() == 0:
         metrics = run.describe(sums)
         report = {"loss": abs(metrics["loss"] - ref["expected_loss"]),
                   "rows": sums["pairs" if not sft else "tokens"]}
         if not sft:
             report["accuracy"] = abs(metrics["accuracy"] - ref["expected_accuracy"])
+        for key, want in ref["expected_eval"].items():
+            report[f"eval/{key}"] = abs(held_out[f"eval/{key}"] - want)
         report.update(grad_report(full, ref["expected_grads"]))
         Path(args.report).write_text(json.dumps(report, indent=1))
     run.close()
