@@ -249,6 +249,20 @@ def test_sft_resumes_exactly(tmp_path):
     same_run(a, b, tol=1e-6)
 
 
+def test_reward_model_training_resumes_exactly(tmp_path):
+    """The same for train-rm, starting from a policy (its head at zero)."""
+    data = write_rows(tmp_path / "pairs.jsonl", pair_rows(12))
+    full, broken = full_and_resumed_runs(
+        [f"policy.load={tiny_policy(tmp_path)}", f"data.path={data}", "train.steps=4",
+         "checkpoint.save_every=2", "train.lr=1e-3", "train.min_lr=1e-4", *SMALL],
+        tmp_path, verb="train-rm")
+    a, b = run_metrics(full), run_metrics(broken)
+    assert [m["step"] for m in b] == [1, 2, 3, 4] and a[0]["loss"] == pytest.approx(math.log(2))
+    same_run(a, b, tol=1e-6)
+    for key in ("accuracy", "margin"):
+        assert [m[key] for m in a] == pytest.approx([m[key] for m in b], abs=1e-6)
+
+
 def test_sft_then_reward_model_then_rl(tmp_path):
     """The whole pipeline on one tiny model: SFT lowers the held-out loss; train-rm from the SFT
     checkpoint starts at loss log 2 (head at zero), learns the preference, exports a transformers
