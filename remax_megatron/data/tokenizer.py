@@ -30,6 +30,11 @@ def check_fits(tokenizer, vocab_size: int, where: str) -> None:
                           "with")
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding positions hold (never read: masked or after a row's end); 0 without one."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def eos_token_ids(tokenizer, checkpoint=None) -> list[int]:
     """The tokenizer's EOS plus any in the checkpoint's generation_config.json."""
     ids = set()

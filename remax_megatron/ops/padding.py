@@ -9,6 +9,15 @@ from __future__ import annotations
 import torch
 
 
+def right_pad(sequences: list[list[int]], pad_id: int, width: int | None = None) -> torch.Tensor:
+    """[rows, width] token ids, each sequence followed by ``pad_id`` (width: the longest)."""
+    width = width or max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids
+
+
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """[b, s] 0/1 mask -> [b, s] positions: 0 at each row's first real token, clamped at 0 before."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..config_io import ConfigError, atomic_write_text
 from ..data.prompts import load_prompts
-from ..data.tokenizer import eos_token_ids, load_tokenizer
+from ..data.tokenizer import eos_token_ids, load_tokenizer, pad_id
 from ..models.builder import dtype_from_name
 from ..models.checkpoint import load_model, read_checkpoint
 from ..models.locate import resolve_checkpoint
@@ -96,7 +96,7 @@ def run_generate(args: GenerateArgs) -> int:
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = prompts[dp_rank::dp]
         eos = eos_token_ids(tokenizer, checkpoint)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = pad_id(tokenizer)
         results = []
         start, produced = time.time(), 0
         batches = _batches(mine, prompts, dp, args.batch_size, args.ep)

@@ -58,8 +58,12 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
             raise ConfigError(f"{name}={value} must be at least 1")
     if t.global_batch_size // layout.dp < 1:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} gives dp rank no prompt")
-    _check_batch_split(cfg, layout.dp)
-    _check_virtual_pp(cfg, layout.dp)
+    minis = cfg.algorithm.mini_batches or 1
+    check_batch_split(t, layout.dp, cfg.rollout.n_samples, minis)
+    check_virtual_pp(cfg, t.global_batch_size // layout.dp * cfg.rollout.n_samples
+                     // (t.micro_batch_size * minis),
+                     "lower train.micro_batch_size (or algorithm.mini_batches), or raise "
+                     "train.global_batch_size")
     if cfg.rollout.pipeline_micro_batches < 0:
         raise ConfigError(f"rollout.pipeline_micro_batches={cfg.rollout.pipeline_micro_batches} "
                           "must be >= 0 (0: automatic)")
@@ -72,8 +76,6 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
     except ConfigError as err:
         raise ConfigError(f"rollout: {err}") from None
-    if t.dtype not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.dtype={t.dtype!r}: use auto, fp32, bf16 or fp16")
     _check_algorithm(cfg)
 
 
@@ -120,6 +122,8 @@ def check_shared(cfg, rules: list[tuple]) -> None:
     if cfg.log.eval_every and cfg.data.eval_path is None:
         raise ConfigError(f"log.eval_every={cfg.log.eval_every} needs data.eval_path (held-out "
                           "data): set it, or remove log.eval_every")
+    if cfg.train.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.dtype={cfg.train.dtype!r}: use auto, fp32, bf16 or fp16")
     check_precision(cfg.train.dtype, "train.dtype")
 
 
@@ -150,10 +154,10 @@ def check_scale_features(cfg: RunConfig) -> None:
                           f"tp={cfg.parallel.tp}: raise tp or turn it off")
 
 
-def _check_virtual_pp(cfg: RunConfig, dp: int) -> None:
+def check_virtual_pp(cfg, per_update: int, fix: str) -> None:
     """parallel.virtual_pp: pp >= 2 and at least pp micro-batches in every update
-    (megatron's interleaved schedule runs them in groups of pp). The layer split is checked
-    with the policy's shape (Trainer._check_policy)."""
+    (``per_update``; ``fix`` says how to get more); megatron's interleaved schedule runs them in
+    groups of pp. The layer split is checked with the policy's shape (policy.check_trainable)."""
     vpp, pp = cfg.parallel.virtual_pp, cfg.parallel.pp
     if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
         raise ConfigError(f"parallel.virtual_pp={vpp!r} must be a positive integer (1: off)")
@@ -162,20 +166,14 @@ def _check_virtual_pp(cfg: RunConfig, dp: int) -> None:
     if pp < 2:
         raise ConfigError(f"parallel.virtual_pp={vpp} needs pipeline parallelism: set "
                           f"parallel.pp >= 2, or parallel.virtual_pp=1")
-    t = cfg.train
-    per_update = (t.global_batch_size // dp * cfg.rollout.n_samples
-                  // (t.micro_batch_size * (cfg.algorithm.mini_batches or 1)))
     if per_update < pp:
         raise ConfigError(f"parallel.virtual_pp={vpp} needs at least pp={pp} micro-batches per "
-                          f"update, got {per_update}: lower train.micro_batch_size (or "
-                          "algorithm.mini_batches), or raise train.global_batch_size")
+                          f"update, got {per_update}: {fix}")
 
 
-def _check_batch_split(cfg: RunConfig, dp: int) -> None:
-    """Each dp rank trains on (prompts / dp) x n_samples sequences, split into mini-batches
-    (PPO/GRPO) of whole micro-batches."""
-    t, n = cfg.train, cfg.rollout.n_samples
-    minis = cfg.algorithm.mini_batches or 1
+def check_batch_split(t, dp: int, n: int = 1, minis: int = 1) -> None:
+    """Each dp rank trains on (global_batch_size / dp) x n sequences (RL: n samples per prompt),
+    split into ``minis`` mini-batches (PPO/GRPO) of whole micro-batches."""
     if t.global_batch_size % dp:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"dp={dp}: make it a multiple of {dp}")

@@ -106,6 +106,11 @@ class TrainingRun:
         """Input files and directories by setting, none of which output_dir may hold."""
         return {"policy.load": self.cfg.policy.load}
 
+    def planned_steps(self) -> int:
+        """train.steps, or train.epochs over the loader's data."""
+        t = self.cfg.train
+        return t.steps or max(1, int(t.epochs * self.loader.steps_per_epoch()))
+
     def data_position(self) -> list:
         return [self.loader.state.epoch, self.loader.state.cursor]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.padding import right_pad
 from ..reward import Scored
 from ..rollout.routes import batch_routes
 from ..rollout.sampling import GREEDY, SamplingParams
@@ -95,12 +96,11 @@ def micro_batches(shape: RolloutShape, mine, out, outcome: torch.Tensor, pad_id:
         chosen = order[start:start + micro_batch_size]
         width = max(len(seqs[i]) for i in chosen) if by_length else longest
         width = -(-width // width_multiple) * width_multiple
-        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        ids = right_pad([seqs[i] for i in chosen], pad_id, width)
         mask = torch.zeros(len(chosen), width - 1)
         rollout_lp = torch.zeros(len(chosen), width - 1)
         for j, i in enumerate(chosen):
-            seq, r = seqs[i], rows[i]
-            ids[j, :len(seq)] = torch.tensor(seq)
+            r = rows[i]
             begin, length = len(prompts[i]) - 1, lengths[r]
             mask[j, begin:begin + length] = 1
             rollout_lp[j, begin:begin + length] = log_probs[r, :length]

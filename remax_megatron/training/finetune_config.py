@@ -11,7 +11,8 @@ from typing import Optional
 from ..config_io import ConfigError, apply_overrides, from_dict, load_yaml
 from .config import BaseLogConfig, CheckpointConfig, ParallelConfig, PolicyConfig, TrainConfig
 from .config_checks import (
-    check_policy_source, check_scale_features, check_shared, shared_ranges,
+    check_batch_split, check_policy_source, check_scale_features, check_shared,
+    check_virtual_pp, shared_ranges,
 )
 
 
@@ -51,16 +52,12 @@ class SFTConfig:
 
 
 @dataclass
-class RMConfig:
-    # policy.load: the model the reward model starts from: a policy checkpoint (its backbone,
-    # DeepSpeed-Chat's choice: the SFT model; the scalar head starts at 0) or a reward-model
-    # checkpoint (trained further)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+class RMConfig(SFTConfig):
+    """policy.load: the model the reward model starts from: a policy checkpoint (its backbone,
+    DeepSpeed-Chat's choice: the SFT model; the scalar head starts at 0) or a reward-model
+    checkpoint (trained further)."""
+
     train: RMTrainConfig = field(default_factory=RMTrainConfig)
-    log: BaseLogConfig = field(default_factory=BaseLogConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/reward-model"
 
 
@@ -91,18 +88,6 @@ def check_finetune_config(cfg, world_size: int) -> None:
                           "whole sequences): set parallel.sequence_parallel=false")
     layout = validate_layout(world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.policy.model,
                              "policy", ep=cfg.parallel.ep)
-    per_rank = t.global_batch_size // layout.dp
-    if t.global_batch_size % layout.dp or per_rank % t.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by dp x "
-            f"micro_batch_size = {layout.dp} x {t.micro_batch_size}: make it a multiple of "
-            f"{layout.dp * t.micro_batch_size}")
-    vpp, pp = cfg.parallel.virtual_pp, cfg.parallel.pp
-    if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
-        raise ConfigError(f"parallel.virtual_pp={vpp!r} must be a positive integer (1: off)")
-    if vpp > 1 and (pp < 2 or per_rank // t.micro_batch_size < pp):
-        raise ConfigError(f"parallel.virtual_pp={vpp} needs parallel.pp >= 2 and at least pp "
-                          f"micro-batches per step, got pp={pp} and "
-                          f"{per_rank // t.micro_batch_size}: change one of them")
-    if t.dtype not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.dtype={t.dtype!r}: use auto, fp32, bf16 or fp16")
+    check_batch_split(t, layout.dp)
+    check_virtual_pp(cfg, t.global_batch_size // layout.dp // t.micro_batch_size,
+                     "lower train.micro_batch_size or raise train.global_batch_size")

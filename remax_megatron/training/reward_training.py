@@ -19,6 +19,7 @@ from ..models.builder import build_chunks, model_chunks
 from ..models.checkpoint import CheckpointMeta, load_model, read_checkpoint
 from ..models.hf_config import REWARD, HFModelInfo, to_hf_config
 from ..models.sharding import load_full_state_dict, seeded_full_weights
+from ..ops.padding import right_pad
 from .critic import copy_backbone
 from .metrics import View, plot_losses
 from .policy import Policy, describe_policy
@@ -35,10 +36,8 @@ def pair_batches(pairs: list, weights: list[float], micro_batch_size: int, pad_i
     for start in range(0, len(order), micro_batch_size):
         chosen = order[start:start + micro_batch_size]
         sides = [side for i in chosen for side in (pairs[i].chosen, pairs[i].rejected)]
-        width = max(len(s) for s in sides)
-        ids = torch.full((len(sides), width), pad_id, dtype=torch.long)
-        for row, side in enumerate(sides):
-            ids[row, :len(side)] = torch.tensor(side)
+        ids = right_pad(sides, pad_id)
+        width = ids.size(1)
         batches.append({
             "input_ids": ids.to(device),
             "position_ids": torch.arange(width).expand(len(sides), width).to(device),

@@ -12,6 +12,7 @@ import torch
 from ..data.sft import load_sft
 from ..models.builder import sequence_multiple
 from ..ops.logprobs import frame_log_probs
+from ..ops.padding import right_pad
 from .metrics import View, plot_losses
 from .policy import describe_policy
 from .supervised import SupervisedRun
@@ -29,12 +30,8 @@ def sft_batches(rows: list, weights: list[float], micro_batch_size: int, pad_id:
         chosen = order[start:start + micro_batch_size]
         width = max(len(rows[i].ids) for i in chosen)
         width = -(-width // width_multiple) * width_multiple
-        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
-        trained = torch.zeros(len(chosen), width - 1)
-        for j, i in enumerate(chosen):
-            row = rows[i]
-            ids[j, :len(row.ids)] = torch.tensor(row.ids)
-            trained[j, :len(row.ids) - 1] = torch.tensor(row.trained[1:], dtype=torch.float32)
+        ids = right_pad([rows[i].ids for i in chosen], pad_id, width)
+        trained = right_pad([rows[i].trained[1:] for i in chosen], 0, width - 1).float()
         weight = torch.tensor([weights[i] for i in chosen])[:, None]
         batches.append({
             "input_ids": ids.to(device),

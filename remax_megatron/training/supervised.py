@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.loader import PromptLoader, held_out, share_of
+from ..data.tokenizer import pad_id
 from .core import TrainingRun
 from .engine import forward_only, update
 from .finetune_config import check_finetune_config
@@ -47,9 +48,8 @@ class SupervisedRun(TrainingRun):
                                    self.UNIT, "data.max_length")
         self.eval_rows = self._eval_rows()
         self.has_eval = bool(self.eval_rows)
-        self.total_steps = cfg.train.steps or max(
-            1, int(cfg.train.epochs * self.loader.steps_per_epoch()))
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.total_steps = self.planned_steps()
+        self.pad = pad_id(self.tokenizer)
 
     def _eval_rows(self) -> list:
         path = self.cfg.data.eval_path
@@ -154,11 +154,11 @@ class SupervisedRun(TrainingRun):
         mbs = self.cfg.train.micro_batch_size
         # in slices of a training step's size: the memory a step needs, and no more
         per_call = self.cfg.train.global_batch_size // dp
+        for chunk in self.ddp:
+            chunk.eval()
         for start in range(0, share, per_call):
             batches, width = self.micro_batches(rows[start:start + per_call],
                                                 weights[start:start + per_call])
-            for chunk in self.ddp:
-                chunk.eval()
             forward_only(self.ddp, batches, lambda out, batch: self._loss(out, batch), width,
                          mbs)
         return {f"eval/{k}": v for k, v in self.describe(self._global_sums()).items()} | {

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..data.loader import PromptLoader, held_out, share_of
 from ..data.prompts import Prompt, load_prompts
-from ..data.tokenizer import eos_token_ids
+from ..data.tokenizer import eos_token_ids, pad_id
 from ..models.builder import sequence_multiple, sequence_parallel_off
 from ..models.checkpoint import DTYPE_NAMES, read_checkpoint
 from ..rollout.engine import generate
@@ -85,8 +85,7 @@ class Trainer(PolicyPasses, TrainingRun):
                                    cfg.train.global_batch_size, cfg.train.seed, cfg.data.shuffle)
         self.eval_prompts = self._eval_prompts()
         self.has_eval = bool(self.eval_prompts)
-        self.total_steps = cfg.train.steps or max(
-            1, int(cfg.train.epochs * self.loader.steps_per_epoch()))
+        self.total_steps = self.planned_steps()
         self.rule_reward = self._rule_reward(self.loader.prompts[0].text)
         self.critic_source = None
         if self.alg.CRITIC:
@@ -126,7 +125,7 @@ class Trainer(PolicyPasses, TrainingRun):
         self.reward = self.rule_reward or self._reward_model()
         self.eos = eos_token_ids(self.tokenizer, read_checkpoint(cfg.policy.load)
                                  if cfg.policy.load else None)
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad = pad_id(self.tokenizer)
 
     def _prompts(self) -> list[Prompt]:
         if self.cfg.data.builtin:
